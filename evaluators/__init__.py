@@ -1,0 +1,101 @@
+"""Evaluators declared in `config.evals`, built lazily from a dict of predict functions.
+
+Contract (what a trainer gives, what an evaluator implements):
+
+    config.evals = {
+        "test": dict(type="classification",        # key of REGISTRY
+                     data=dict(name="fine_shapes/64", split="test"),
+                     pp_fn="decode|resize(64)|value_range(-1, 1)|onehot(10)|keep('image', 'labels')",
+                     log_steps=100,                 # or log_epochs / log_examples / log_percent
+                     pred="predict_seqhw=4",        # one predict fn, or
+                     preds=None,                    # a list of names; None = every flexi one
+                     batch_size=256,                # default: config.input.batch_size
+                     ...type-specific keys...),
+    }
+
+- `predict_fns` maps names such as "predict", "predict_seqhw=15", "predict_patch_size=16"
+  to `fn(variables, batch) -> dict of outputs` (e.g. "logits"); `variables` is
+  {"params": params, **trainer consts}. `flexi.train_loop.PredictFns` also builds any
+  "predict_<kind>=<v>" on demand.
+- An evaluator class is registered with `@register("type")`; it is constructed as
+  `cls(predict_fns, ctx, **cfg_without_common_keys)` on first use and its
+  `run(variables)` yields `(metric_name, value)` pairs; the loop logs them as
+  "<eval name>/<metric_name>".
+"""
+import dataclasses
+import importlib
+from typing import Any, Callable, Dict, Mapping, Optional
+
+from flexi import durations
+
+REGISTRY: Dict[str, Callable] = {}
+COMMON_KEYS = ("type", "log_steps", "log_epochs", "log_examples", "log_percent",
+               "run_at_end")
+
+
+def register(name: str):
+  def deco(cls):
+    REGISTRY[name] = cls
+    return cls
+  return deco
+
+
+@dataclasses.dataclass
+class EvalContext:
+  """What the loop tells evaluators about the run."""
+  mesh: Any
+  batch_axes: tuple = ("data",)
+  default_batch_size: int = 256
+  workdir: Optional[str] = None
+
+
+# Modules whose evaluators are registered on first lookup (add new ones here).
+BUILTIN_MODULES = ["evaluators.classification"]
+
+
+def _lookup(name: str):
+  for module in BUILTIN_MODULES:
+    importlib.import_module(module)
+  if name not in REGISTRY:
+    raise ValueError(f"unknown evaluator type {name!r}; known: {sorted(REGISTRY)}")
+  return REGISTRY[name]
+
+
+@dataclasses.dataclass
+class LazyEvaluator:
+  """One configured evaluator: its cadence now, the object itself on first run."""
+  name: str
+  every: Optional[int]
+  run_at_end: bool
+  factory: Callable[[], Any]
+  _obj: Any = None
+
+  def due(self, step: int, total_steps: int) -> bool:
+    if step == total_steps and self.run_at_end:
+      return True
+    return bool(self.every) and step % self.every == 0
+
+  def run(self, variables):
+    if self._obj is None:
+      self._obj = self.factory()
+    for metric, value in self._obj.run(variables):
+      yield f"{self.name}/{metric}", value
+
+
+def build_evaluators(evals_cfg: Mapping, predict_fns: Mapping, ctx: EvalContext, *,
+                     batch_size: int, num_train_examples=None, total_steps=None):
+  """Validates types and cadences now; constructs each evaluator on its first run."""
+  out = []
+  for name, cfg in (evals_cfg or {}).items():
+    cfg = dict(cfg)
+    if "type" not in cfg:
+      raise ValueError(f"config.evals.{name} needs a 'type'; known: {sorted(REGISTRY)}")
+    cls = _lookup(cfg["type"])
+    every = durations.to_steps(cfg, "log", batch_size=batch_size, default=None,
+                               num_examples=num_train_examples, total_steps=total_steps)
+    kwargs = {k: v for k, v in cfg.items() if k not in COMMON_KEYS}
+    if hasattr(cls, "validate"):
+      cls.validate(name, kwargs, predict_fns)
+    out.append(LazyEvaluator(name, every, cfg.get("run_at_end", True),
+                             lambda cls=cls, kw=kwargs: cls(predict_fns, ctx, **kw)))
+  return out

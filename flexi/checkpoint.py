@@ -1,0 +1,232 @@
+"""big_vision `.npz` parameter files: load, save, and merge into a model's params.
+
+A big_vision checkpoint is an `.npz` whose keys are '/'-joined parameter paths
+(optionally under `params/`). `path.npz:sub/tree` loads only that subtree. Files are
+read with `allow_pickle=False`: checkpoints travel between people, and a file that
+needs pickle to load is refused.
+"""
+import dataclasses
+import io
+import logging
+import os
+import re
+import tempfile
+import zipfile
+
+import numpy as np
+
+from flexi import resize
+
+log = logging.getLogger(__name__)
+
+_URL = "https://storage.googleapis.com/big_vision/flexivit/"
+_FLEXI_PP = "decode|resize(274)|central_crop(240)|value_range(-1, 1)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+  """A released checkpoint and what it needs to be used correctly."""
+  file: str
+  model: dict  # kwargs of flexi.vit.Model
+  num_classes: int
+  res: int = 240  # FlexiViT inputs are 240px, not 224px.
+  pp_eval: str = _FLEXI_PP  # big_vision's eval preprocessing (crop 240 of 274).
+  crop_pct: float = 0.875  # timm lists 0.95 for its ports; big_vision evaluates at 0.875.
+
+  @property
+  def url(self):
+    return _URL + self.file
+
+
+def _flexi(variant):
+  return dict(variant=variant, pool_type="tok", patch_size=(32, 32), posemb_size=(7, 7))
+
+
+PRETRAINED = {
+    "FlexiViT-L i1k": Pretrained("flexivit_l_i1k.npz", _flexi("L"), 1000),
+    "FlexiViT-B i1k": Pretrained("flexivit_b_i1k.npz", _flexi("B"), 1000),
+    "FlexiViT-S i1k": Pretrained("flexivit_s_i1k.npz", _flexi("S"), 1000),
+    "FlexiViT-B i21k 90ep": Pretrained("flexivit_b_i21k_90ep.npz", _flexi("B"), 21843),
+    "FlexiViT-B i21k 300ep": Pretrained("flexivit_b_i21k_300ep.npz", _flexi("B"), 21843),
+    "FlexiViT-B i21k 1000ep": Pretrained("flexivit_b_i21k_1000ep.npz", _flexi("B"),
+                                         21843),
+    "ViT-B/16 i21k": Pretrained("vit_b16_i21k_300ep.npz",
+                                dict(variant="B", pool_type="tok", patch_size=(16, 16),
+                                     posemb_size=(15, 15)), 21843),
+    "ViT-B/30 i21k": Pretrained("vit_b30_i21k_300ep.npz",
+                                dict(variant="B", pool_type="tok", patch_size=(30, 30),
+                                     posemb_size=(8, 8)), 21843),
+}
+
+
+def checkpoint_dir():
+  """Where released checkpoints are looked up ($FLEXI_CHECKPOINT_DIR)."""
+  return os.environ.get("FLEXI_CHECKPOINT_DIR",
+                        os.path.join(os.path.expanduser("~"), ".cache", "flexivit"))
+
+
+def resolve_path(path_or_name):
+  """A released name -> local file path; anything else is returned unchanged."""
+  if path_or_name not in PRETRAINED:
+    return path_or_name
+  entry = PRETRAINED[path_or_name]
+  local = os.path.join(checkpoint_dir(), entry.file)
+  if not os.path.exists(local):
+    raise FileNotFoundError(
+        f"released checkpoint {path_or_name!r} is not in {checkpoint_dir()}: download "
+        f"{entry.url} there (or set FLEXI_CHECKPOINT_DIR)")
+  return local
+
+
+def flatten(tree, prefix=""):
+  """Nested dict -> {'a/b/c': leaf}."""
+  flat = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, dict) or hasattr(value, "items"):
+      flat.update(flatten(value, name + "/"))
+    else:
+      flat[name] = value
+  return flat
+
+
+def unflatten(flat):
+  """{'a/b/c': leaf} -> nested dict."""
+  tree = {}
+  for name, value in flat.items():
+    *parents, leaf = name.split("/")
+    node = tree
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[leaf] = value
+  return tree
+
+
+def _split_subtree(path):
+  # "gs://b/x.npz:params/img" -> ("gs://b/x.npz", "params/img"); keep "C:\\" alone.
+  match = re.match(r"^(.*?\.npz):(.+)$", path)
+  return (match.group(1), match.group(2)) if match else (path, "")
+
+
+def _read_npz(path):
+  source = path
+  if "://" in path:  # gs:// and friends: read through TF's filesystem layer.
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    with tf.io.gfile.GFile(path, "rb") as f:
+      source = io.BytesIO(f.read())
+  elif not os.path.exists(path):
+    raise FileNotFoundError(f"checkpoint not found: {path}")
+  if not zipfile.is_zipfile(source):
+    raise ValueError(f"checkpoint {path} is corrupt or not an .npz file")
+  try:
+    with np.load(source, allow_pickle=False) as data:
+      return {k: data[k] for k in data.files}
+  except ValueError as e:
+    if "pickle" in str(e):
+      raise ValueError(f"checkpoint {path} needs pickle to load; refusing an untrusted "
+                       "pickle (re-save it as plain arrays)") from None
+    raise ValueError(f"checkpoint {path} is not a valid .npz file: {e}") from None
+  except (zipfile.BadZipFile, OSError, EOFError) as e:
+    raise ValueError(f"checkpoint {path} is corrupt or not an .npz file ({e})") from None
+
+
+def load_params(path):
+  """Loads a big_vision `.npz` (or a released name) into a nested dict of arrays."""
+  file_path, subtree = _split_subtree(str(path))
+  flat = _read_npz(resolve_path(file_path))
+  if flat and all(k.startswith("params/") for k in flat):
+    flat = {k[len("params/"):]: v for k, v in flat.items()}
+  if subtree:
+    subtree = subtree.strip("/") + "/"
+    flat = {k[len(subtree):]: v for k, v in flat.items() if k.startswith(subtree)}
+    if not flat:
+      raise KeyError(f"no parameters under {subtree!r} in {file_path}")
+  return unflatten(flat)
+
+
+def save_params(params, path):
+  """Writes params as a big_vision `.npz` ('/'-joined keys), atomically."""
+  flat = {k: np.asarray(v) for k, v in flatten(params).items()}
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, suffix=".npz.tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      np.savez(f, **flat)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def fix_old_layouts(flat):
+  """Moves parameters of older ViT checkpoints to today's names (as big_vision)."""
+  flat = dict(flat)
+  for old in ("Transformer/posembed_input/pos_embedding", "Transformer/pos_embedding"):
+    if old in flat:
+      flat["pos_embedding"] = flat.pop(old)
+  pe = flat.get("pos_embedding")
+  if pe is not None:
+    side = int(np.sqrt(pe.shape[1] - 1))
+    if side * side + 1 == pe.shape[1]:  # [cls] posemb was stored first: fold it in.
+      flat["pos_embedding"] = pe[:, 1:]
+      if "cls" in flat:
+        flat["cls"] = flat["cls"] + pe[:, :1]
+  return flat
+
+
+def _resize_to(name, value, target_shape, posemb_hw):
+  """Resizes a loaded kernel/posemb to the model's shape, or None if not resizable."""
+  if name == "embedding/kernel" and value.ndim == 4 and value.shape[2:] == target_shape[2:]:
+    log.info("PI-resizing %s from %s to %s", name, value.shape, target_shape)
+    return np.asarray(resize.pi_resize_patchemb(np.asarray(value, np.float32),
+                                                target_shape[:2]))
+  if name == "pos_embedding" and value.ndim == 3 and value.shape[2] == target_shape[2]:
+    log.info("Resizing %s from %s to %s", name, value.shape, target_shape)
+    return resize.resize_posemb_for_load(value, posemb_hw or _square(target_shape[1]))
+  return None
+
+
+def _square(n):
+  side = int(round(np.sqrt(n)))
+  if side * side != n:
+    raise ValueError(f"cannot infer the grid of a {n}-token position embedding; "
+                     "pass posemb_hw")
+  return (side, side)
+
+
+def load_into(init_params, loaded, dont_load=(), posemb_hw=None):
+  """Merges `loaded` into the model's `init_params`.
+
+  Keeps init values for names matching a `dont_load` regex; PI-resizes
+  `embedding/kernel` and resizes `pos_embedding` when sizes differ. Raises a
+  ValueError naming missing or mis-shaped parameters; unexpected ones are logged.
+  """
+  init_flat = flatten(init_params)
+  loaded_flat = fix_old_layouts(flatten(loaded))
+  skip = [re.compile(p) for p in dont_load]
+  merged, missing, bad_shape = {}, [], []
+  for name, init_value in init_flat.items():
+    if any(p.fullmatch(name) for p in skip):
+      merged[name] = init_value
+      continue
+    if name not in loaded_flat:
+      missing.append(name)
+      continue
+    value = loaded_flat[name]
+    if tuple(value.shape) != tuple(init_value.shape):
+      value = _resize_to(name, value, tuple(init_value.shape), posemb_hw)
+      if value is None:
+        bad_shape.append(f"{name} {tuple(loaded_flat[name].shape)} vs model "
+                         f"{tuple(init_value.shape)}")
+        continue
+    merged[name] = np.asarray(value, dtype=init_value.dtype)
+  if bad_shape:
+    raise ValueError("checkpoint shape mismatch (use dont_load to re-init): "
+                     + "; ".join(bad_shape))
+  if missing:
+    raise ValueError(f"checkpoint lacks parameter(s) {missing} (use dont_load to re-init)")
+  unexpected = sorted(set(loaded_flat) - set(init_flat))
+  if unexpected:
+    log.warning("ignoring checkpoint parameters the model does not have: %s", unexpected)
+  return unflatten(merged)

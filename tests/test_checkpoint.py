@@ -1,0 +1,102 @@
+"""big_vision .npz files: round trip, subtrees, merging with resize, untrusted files."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flexi import checkpoint, resize, vit
+
+TINY = dict(width=32, depth=1, mlp_dim=64, num_heads=2, pool_type="tok")
+
+
+def _init(model, res=64):
+  return jax.tree.map(np.asarray, model.init(jax.random.PRNGKey(0),
+                                             jnp.zeros((1, res, res, 3)))["params"])
+
+
+@pytest.fixture(scope="module")
+def params():
+  return _init(vit.Model(10, **TINY))
+
+
+def test_save_load_round_trip_and_layout(params, tmp_path):
+  path = str(tmp_path / "ckpt.npz")
+  checkpoint.save_params(params, path)
+  with np.load(path, allow_pickle=False) as data:
+    assert "Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel" in data.files
+    assert "embedding/kernel" in data.files
+  loaded = checkpoint.load_params(path)
+  jax.tree.map(np.testing.assert_array_equal, loaded, params)
+  assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_params_prefix_and_subtree(params, tmp_path):
+  path = str(tmp_path / "two_towers.npz")
+  flat = checkpoint.flatten({"params": {"img": params, "t": np.ones(())}})
+  np.savez(path, **flat)
+  img = checkpoint.load_params(path + ":img")
+  np.testing.assert_array_equal(img["embedding"]["kernel"], params["embedding"]["kernel"])
+  whole = checkpoint.load_params(path)
+  assert set(whole) == {"img", "t"}
+  with pytest.raises(KeyError, match="no parameters under 'txt/'"):
+    checkpoint.load_params(path + ":txt")
+
+
+def test_load_into_resizes_kernel_and_posemb(params):
+  teacher = vit.Model(10, patch_size=8, posemb_size=8, **TINY)  # A plain "B/8".
+  loaded = _init(teacher)
+  merged = checkpoint.load_into(params, loaded)
+  np.testing.assert_allclose(
+      merged["embedding"]["kernel"],
+      resize.pi_resize_patchemb(loaded["embedding"]["kernel"], (32, 32)), rtol=1e-6)
+  np.testing.assert_allclose(merged["pos_embedding"],
+                             resize.resize_posemb_for_load(loaded["pos_embedding"], (7, 7)))
+  np.testing.assert_array_equal(merged["Transformer"]["encoderblock_0"]["LayerNorm_0"]["scale"],
+                                loaded["Transformer"]["encoderblock_0"]["LayerNorm_0"]["scale"])
+
+
+def test_load_into_errors_name_the_parameter(params):
+  other_head = _init(vit.Model(5, **TINY))
+  with pytest.raises(ValueError, match=r"head/kernel \(32, 5\) vs model \(32, 10\)"):
+    checkpoint.load_into(params, other_head)
+  merged = checkpoint.load_into(params, other_head, dont_load=("head/.*",))
+  np.testing.assert_array_equal(merged["head"]["kernel"], params["head"]["kernel"])
+  partial = checkpoint.unflatten({k: v for k, v in checkpoint.flatten(params).items()
+                                  if k != "cls"})
+  with pytest.raises(ValueError, match=r"lacks parameter\(s\) \['cls'\]"):
+    checkpoint.load_into(params, partial)
+
+
+def test_old_layout_with_cls_posemb_is_fixed(params):
+  flat = checkpoint.flatten(params)
+  pe = flat.pop("pos_embedding")
+  cls_pe = np.full((1, 1, 32), 0.5, np.float32)
+  flat["Transformer/posembed_input/pos_embedding"] = np.concatenate([cls_pe, pe], axis=1)
+  merged = checkpoint.load_into(params, checkpoint.unflatten(flat))
+  np.testing.assert_array_equal(merged["pos_embedding"], pe)
+  np.testing.assert_array_equal(merged["cls"], params["cls"] + 0.5)
+
+
+def test_untrusted_and_broken_files(tmp_path):
+  pickled = str(tmp_path / "pickled.npz")
+  np.savez(pickled, x=np.array([{"a": 1}], dtype=object))
+  with pytest.raises(ValueError, match="needs pickle to load; refusing"):
+    checkpoint.load_params(pickled)
+  corrupt = tmp_path / "corrupt.npz"
+  corrupt.write_bytes(b"this is not a zip file")
+  with pytest.raises(ValueError, match="corrupt.npz is corrupt or not an .npz"):
+    checkpoint.load_params(str(corrupt))
+  with pytest.raises(FileNotFoundError, match="checkpoint not found: .*missing.npz"):
+    checkpoint.load_params(str(tmp_path / "missing.npz"))
+
+
+def test_released_names(monkeypatch, tmp_path, params):
+  monkeypatch.setenv("FLEXI_CHECKPOINT_DIR", str(tmp_path))
+  entry = checkpoint.PRETRAINED["FlexiViT-B i1k"]
+  assert entry.res == 240 and entry.model["variant"] == "B"
+  with pytest.raises(FileNotFoundError, match="flexivit_b_i1k.npz"):
+    checkpoint.load_params("FlexiViT-B i1k")
+  checkpoint.save_params(params, str(tmp_path / entry.file))
+  assert "embedding" in checkpoint.load_params("FlexiViT-B i1k")

@@ -1,0 +1,153 @@
+"""The flexible ViT: big_vision param names, forward at every patch size, errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flexi import checkpoint, resize, vit
+
+TINY = dict(width=32, depth=2, mlp_dim=64, num_heads=2)
+
+# big_vision's models/proj/flexi/vit.py tree for this config (names and shapes).
+GOLDEN_TOK = {
+    "cls": (1, 1, 32),
+    "embedding/bias": (32,),
+    "embedding/kernel": (32, 32, 3, 32),
+    "head/bias": (10,),
+    "head/kernel": (32, 10),
+    "pos_embedding": (1, 49, 32),
+    "Transformer/encoder_norm/bias": (32,),
+    "Transformer/encoder_norm/scale": (32,),
+}
+for _i in range(2):
+  _b = f"Transformer/encoderblock_{_i}/"
+  GOLDEN_TOK.update({
+      _b + "LayerNorm_0/bias": (32,), _b + "LayerNorm_0/scale": (32,),
+      _b + "LayerNorm_1/bias": (32,), _b + "LayerNorm_1/scale": (32,),
+      _b + "MlpBlock_0/Dense_0/kernel": (32, 64), _b + "MlpBlock_0/Dense_0/bias": (64,),
+      _b + "MlpBlock_0/Dense_1/kernel": (64, 32), _b + "MlpBlock_0/Dense_1/bias": (32,),
+      **{_b + f"MultiHeadDotProductAttention_0/{n}/kernel": (32, 2, 16)
+         for n in ("query", "key", "value")},
+      **{_b + f"MultiHeadDotProductAttention_0/{n}/bias": (2, 16)
+         for n in ("query", "key", "value")},
+      _b + "MultiHeadDotProductAttention_0/out/kernel": (2, 16, 32),
+      _b + "MultiHeadDotProductAttention_0/out/bias": (32,),
+  })
+
+
+def _shapes(params):
+  return {k: tuple(v.shape) for k, v in checkpoint.flatten(params).items()}
+
+
+@pytest.fixture(scope="module")
+def tok_model():
+  model = vit.Model(10, pool_type="tok", **TINY)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 240, 240, 3)))["params"]
+  # Zero-init head gives zero logits; randomise it so outputs are informative.
+  params["head"]["kernel"] = jax.random.normal(jax.random.PRNGKey(1), (32, 10))
+  return model, params
+
+
+def test_golden_param_names_tok(tok_model):
+  assert _shapes(tok_model[1]) == GOLDEN_TOK
+
+
+def test_golden_param_names_map_pool():
+  model = vit.Model(10, pool_type="map", **TINY)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))["params"]
+  names = set(_shapes(params))
+  expected_map = {"MAPHead_0/probe", "MAPHead_0/LayerNorm_0/scale",
+                  "MAPHead_0/MlpBlock_0/Dense_0/kernel",
+                  "MAPHead_0/MultiHeadDotProductAttention_0/query/kernel"}
+  assert expected_map <= names
+  assert "cls" not in names
+
+
+def test_forward_at_every_patch_size(tok_model):
+  model, params = tok_model
+  images = jax.random.normal(jax.random.PRNGKey(2), (2, 240, 240, 3))
+  apply = jax.jit(model.apply, static_argnames=("patch_size", "seqhw"))
+  prev = None
+  for p in (8, 10, 12, 15, 16, 20, 24, 30, 40, 48):
+    logits, out = apply({"params": params}, images, patch_size=p)
+    grid = 240 // p
+    assert logits.shape == (2, 10)
+    assert out["encoded"].shape == (2, grid * grid + 1, 32)
+    assert out["logits_2d"].shape == (2, grid, grid, 10)
+    assert out["pre_logits"].shape == (2, 32)
+    assert np.all(np.isfinite(logits))
+    if prev is not None:
+      assert not np.allclose(prev, logits)  # The patch size really changes the model.
+    prev = logits
+  # seqhw is the same call expressed as a token grid.
+  by_grid, _ = apply({"params": params}, images, seqhw=15)
+  by_patch, _ = apply({"params": params}, images, patch_size=16)
+  np.testing.assert_allclose(by_grid, by_patch, rtol=1e-6)
+
+
+def test_embedding_equals_strided_conv_with_pi_resized_kernel(tok_model):
+  """Reference formulation: conv_general_dilated on the PI-resized kernel."""
+  model, params = tok_model
+  images = jax.random.normal(jax.random.PRNGKey(3), (2, 240, 240, 3))
+  _, out = model.apply({"params": params}, images, patch_size=(16, 24))
+  kernel = resize.pi_resize_patchemb(params["embedding"]["kernel"], (16, 24))
+  conv = jax.lax.conv_general_dilated(images, kernel, (16, 24), "VALID",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  np.testing.assert_allclose(out["stem"], conv + params["embedding"]["bias"],
+                             rtol=1e-4, atol=1e-4)
+  # The posemb is added before [cls] is prepended, resized with jax.image.resize.
+  pe = jax.image.resize(params["pos_embedding"].reshape(1, 7, 7, 32), (1, 15, 10, 32),
+                        "linear").reshape(1, 150, 32)
+  np.testing.assert_allclose(out["with_posemb"], out["stem"].reshape(2, 150, 32) + pe,
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_plain_vit_teacher_resizes_nothing():
+  model = vit.Model(5, variant="mu/8", posemb_size=(8, 8), pool_type="gap")
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))["params"]
+  assert params["embedding"]["kernel"].shape == (8, 8, 3, 32)
+  assert params["pos_embedding"].shape == (1, 64, 32)
+  images = jax.random.normal(jax.random.PRNGKey(1), (1, 64, 64, 3))
+  _, out = model.apply({"params": params}, images)
+  manual = jax.lax.conv_general_dilated(images, params["embedding"]["kernel"], (8, 8),
+                                        "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  manual = manual.reshape(1, 64, 32) + params["embedding"]["bias"] + params["pos_embedding"]
+  np.testing.assert_allclose(out["with_posemb"], manual, rtol=1e-5, atol=1e-5)
+
+
+def test_variants():
+  assert vit.decode_variant("B/8") == dict(width=768, depth=12, mlp_dim=3072, num_heads=12,
+                                           patch_size=(8, 8))
+  assert vit.decode_variant("So400m")["width"] == 1152
+  with pytest.raises(ValueError, match="unknown ViT variant 'X'"):
+    vit.decode_variant("X")
+  with pytest.raises(ValueError, match=r"unknown ViT model option\(s\) \['widht'\]"):
+    vit.Model(10, widht=3)
+
+
+def test_bad_patch_sizes_are_clear_errors(tok_model):
+  model, params = tok_model
+  images = jnp.zeros((1, 240, 240, 3))
+  with pytest.raises(ValueError, match=r"patch size \(7, 7\) does not tile image size "
+                                       r"\(240, 240\)"):
+    model.apply({"params": params}, images, patch_size=7)
+  with pytest.raises(ValueError, match=r"patch size \(16, 7\) does not tile image size "
+                                       r"\(240, 240\)"):
+    model.apply({"params": params}, images, patch_size=(16, 7))
+  with pytest.raises(ValueError, match=r"token grid \(7, 7\) does not tile image size"):
+    model.apply({"params": params}, images, seqhw=7)
+  with pytest.raises(ValueError, match="not both"):
+    model.apply({"params": params}, images, seqhw=15, patch_size=16)
+
+
+def test_gradient_reaches_stored_kernel(tok_model):
+  model, params = tok_model
+  images = jax.random.normal(jax.random.PRNGKey(4), (2, 240, 240, 3))
+
+  def loss(p):
+    return jnp.sum(model.apply({"params": p}, images, patch_size=12)[0] ** 2)
+
+  grads = jax.grad(loss)(params)
+  assert grads["embedding"]["kernel"].shape == (32, 32, 3, 32)
+  assert float(jnp.abs(grads["embedding"]["kernel"]).sum()) > 0
+  assert float(jnp.abs(grads["pos_embedding"]).sum()) > 0
