@@ -89,3 +89,22 @@ def progress_line(step, total, m: dict) -> str:
   if "eta_sec" in m:
     parts.append(f"ETA {fmt_eta(m['eta_sec'])}")
   return " | ".join(parts)
+
+
+def eval_table(eval_metrics: dict, metric="prec@1") -> str:
+  """Markdown table, one row per "<eval>/<kind>=<v>/<metric>" entry, ordered by v."""
+  rows = []
+  for key, value in eval_metrics.items():
+    parts = key.split("/")
+    if parts[-1] != metric or len(parts) < 3 or "=" not in parts[-2]:
+      continue
+    kind, v = parts[-2].split("=", 1)
+    loss = eval_metrics.get("/".join(parts[:-1] + ["loss"]))
+    rows.append((parts[0], kind, int(v), value, loss))
+  if not rows:
+    return ""
+  lines = [f"| eval | {rows[0][1]} | {metric} | loss |", "|---|---|---|---|"]
+  for name, _, v, value, loss in sorted(rows, key=lambda r: (r[0], r[2])):
+    loss_s = f"{loss:.3f}" if loss is not None else ""
+    lines.append(f"| {name} | {v} | {value:.4f} | {loss_s} |")
+  return "\n".join(lines)

@@ -1,0 +1,55 @@
+"""The jitted train step (one per patch size) and its ahead-of-time compilation."""
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from flexi import sharding
+
+
+def make_train_step(trainer, tx, lr_fn, *, seed: int):
+  """Returns step(flexi_kw) -> fn(params, opt_state, consts, batch, step)."""
+
+  def build(flexi_kw):
+    def step_fn(params, opt_state, consts, batch, step):
+      rng = jax.random.fold_in(jax.random.PRNGKey(seed), step)
+
+      def loss_of(p):
+        return trainer.loss_fn(p, batch, rng=rng, flexi=flexi_kw, consts=consts)
+
+      (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+      metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads),
+                 "train/lr": lr_fn(step), **{f"train/{k}": v for k, v in aux.items()}}
+      return params, opt_state, metrics
+    return step_fn
+  return build
+
+
+def _abstract(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def jit_step(step_fn, mesh, p_sh, o_sh, consts):
+  rep = sharding.replicated(mesh)
+  c_sh = jax.tree.map(lambda x: x.sharding, consts) if consts is not None else None
+  return jax.jit(step_fn, in_shardings=(p_sh, o_sh, c_sh, None, rep),
+                 out_shardings=(p_sh, o_sh, rep), donate_argnums=(0, 1))
+
+
+def compile_all(build, sampler, params, opt_state, consts, batch_spec, mesh, p_sh, o_sh):
+  """AOT-compiles the step for every configured value. Returns ({v: compiled}, {v: sec})."""
+  args = (_abstract(params, p_sh), _abstract(opt_state, o_sh),
+          None if consts is None else _abstract(consts, jax.tree.map(lambda x: x.sharding,
+                                                                       consts)),
+          batch_spec, jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh)))
+  compiled, secs = {}, {}
+  for value in sampler.values:
+    t0 = time.perf_counter()
+    fn = jit_step(build(sampler.kwargs(value)), mesh, p_sh, o_sh, consts)
+    compiled[value] = fn.lower(*args).compile()
+    secs[value] = time.perf_counter() - t0
+  return compiled, secs

@@ -1,0 +1,257 @@
+"""The shared training loop: every trainer (supervised, distill, LiT) runs through here.
+
+A trainer only defines a `Trainer` (its params init, loss, predict function, consts
+and frozen params); `train_and_evaluate(config, workdir, trainer)` does the rest:
+mesh + shardings, init or resume, one AOT-compiled step per patch size, the loop,
+NaN checks, checkpoints, logging and evaluators.
+"""
+import dataclasses
+import os
+import time
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+
+import evaluators as evaluators_lib
+from flexi import ckpt_manager, data_source, durations, logging_utils, optim
+from flexi import patch_sampler, sharding, steps
+from flexi import config as config_lib
+
+
+@dataclasses.dataclass
+class Trainer:
+  """What differs between trainers.
+
+  init_params(rng, batch_spec) -> params           pure; batch_spec: global ShapeDtypeStructs.
+  loss_fn(params, batch, *, rng, flexi, consts) -> (loss, {name: scalar})   inside jit;
+      flexi is e.g. {"seqhw": 15}; consts is the pytree from `make_consts` (or None).
+  predict_fn(variables, batch, **flexi) -> {"logits": ...}   variables = {"params", **consts}.
+  load_pretrained(params, config) -> params        host-side, for config.model_init
+      (default: flexi.checkpoint / another workdir, with config.model_load.dont_load).
+  make_consts(config) -> pytree of host arrays     e.g. a frozen teacher; sharded by the
+      same rules, not optimised, not checkpointed.
+  frozen: regexes of param names with zero updates and no optimizer state.
+  schema: the config schema (base + trainer-specific keys).
+  """
+  init_params: Callable
+  loss_fn: Callable
+  predict_fn: Optional[Callable] = None
+  load_pretrained: Optional[Callable] = None
+  make_consts: Optional[Callable] = None
+  frozen: Sequence[str] = ()
+  schema: config_lib.Schema = dataclasses.field(default_factory=config_lib.base_schema)
+
+
+class PredictFns(dict):
+  """{"predict_<kind>=<v>": fn} for the configured values; other values on demand."""
+
+  def __init__(self, predict_fn, kind, values):
+    super().__init__()
+    self._fn, self._kind = predict_fn, kind
+    self["predict"] = predict_fn
+    self.flexi_names = [f"predict_{kind}={v}" for v in values]
+    for name in self.flexi_names:
+      self[name] = self[name]
+
+  def __missing__(self, name):
+    for kind in ("seqhw", "patch_size"):
+      prefix = f"predict_{kind}="
+      if name.startswith(prefix) and name[len(prefix):].isdigit():
+        value = int(name[len(prefix):])
+        fn = lambda variables, batch, kind=kind, value=value: self._fn(
+            variables, batch, **{kind: value})
+        self[name] = fn
+        return fn
+    raise KeyError(name)
+
+  def __contains__(self, name):
+    try:
+      self[name]  # pylint: disable=pointless-statement
+      return True
+    except KeyError:
+      return False
+
+
+@dataclasses.dataclass
+class TrainResult:
+  params: Any
+  opt_state: Any
+  step: int
+  metrics: dict               # Last logged train metrics.
+  eval_metrics: dict          # Last value of every evaluator metric.
+  compile_seconds: dict
+
+
+def setup_compilation_cache(cache_dir: Optional[str]):
+  """JAX persistent cache, small CPU programs included (thresholds lowered)."""
+  if not cache_dir:
+    return
+  cache_dir = os.path.expanduser(cache_dir)
+  os.makedirs(cache_dir, exist_ok=True)
+  if jax.config.jax_compilation_cache_dir != cache_dir:
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
+    compilation_cache.reset_cache()
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def default_load_pretrained(params, config):
+  """config.model_init: .npz / released name, or another workdir's checkpoint."""
+  from flexi import checkpoint  # pylint: disable=import-outside-toplevel
+  path = config.model_init
+  if os.path.isdir(os.path.join(os.path.expanduser(path), "ckpt")):
+    loaded = ckpt_manager.restore_params_from_workdir(os.path.expanduser(path))
+  else:
+    loaded = checkpoint.load_params(path)
+  dont_load = list(config.model_load.get("dont_load", ()))
+  return checkpoint.load_into(jax.device_get(params), loaded, dont_load=dont_load)
+
+
+def _durations(config, num_examples):
+  bs = config.input.batch_size
+  total = durations.to_steps(config, "total", batch_size=bs, num_examples=num_examples)
+  kw = dict(batch_size=bs, num_examples=num_examples, total_steps=total)
+  return dict(
+      total=total,
+      warmup=durations.to_steps(config.schedule, "warmup", default=0, **kw),
+      log=durations.to_steps(config, "log_training", default=None, **kw),
+      ckpt=durations.to_steps(config, "ckpt", default=None, **kw))
+
+
+def _due(step, every, total):
+  return step == total or (bool(every) and step % every == 0)
+
+
+class _FiniteGuard:
+  """Collects per-step (loss, grad_norm) device scalars; checks them in one transfer."""
+
+  def __init__(self):
+    self.pending = []
+
+  def add(self, step, metrics):
+    self.pending.append((step, metrics["train/loss"], metrics["train/grad_norm"]))
+
+  def check(self):
+    values = jax.device_get([(l, g) for _, l, g in self.pending])
+    for (step, _, _), (loss, gnorm) in zip(self.pending, values):
+      if not (np.isfinite(loss) and np.isfinite(gnorm)):
+        raise FloatingPointError(
+            f"non-finite loss at step {step}: loss={float(loss)}, grad_norm={float(gnorm)}; "
+            "stopping, the last good checkpoint is kept")
+    self.pending = []
+
+
+def _init_state(trainer, config, tx, batch_spec, shard, ckpt, writer):
+  """Resume from the workdir, or init (and maybe load model_init). Returns state+step."""
+  rng = jax.random.PRNGKey(config.seed)
+  params_shape = jax.eval_shape(trainer.init_params, rng, batch_spec)
+  p_sh = shard(params_shape)
+  opt_shape = jax.eval_shape(tx.init, params_shape)
+  o_sh = shard(opt_shape)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    params, opt_state, meta = ckpt.restore(latest, params_shape, opt_shape, p_sh, o_sh)
+    writer.info(f"resumed from {ckpt.directory} at step {latest}")
+    return params, opt_state, int(meta["step"]), p_sh, o_sh
+  params = jax.jit(lambda r: trainer.init_params(r, batch_spec), out_shardings=p_sh)(rng)
+  if config.model_init:
+    load = trainer.load_pretrained or default_load_pretrained
+    params = jax.device_put(load(params, config), p_sh)
+    writer.info(f"initialised params from {config.model_init}")
+  opt_state = jax.jit(tx.init, out_shardings=o_sh)(params)
+  return params, opt_state, 0, p_sh, o_sh
+
+
+def train_and_evaluate(config, workdir: str, trainer: Trainer, *,
+                       data: Optional[data_source.DataSource] = None,
+                       writer: Optional[logging_utils.MetricWriter] = None) -> TrainResult:
+  """Trains (resuming from `workdir` if it has a checkpoint), evaluates, checkpoints."""
+  setup_compilation_cache(config.compilation_cache_dir)
+  writer = writer or logging_utils.MetricWriter(workdir)
+  mesh = sharding.make_mesh(config.mesh.axes)
+  batch_axes = tuple(config.sharding.batch_axes)
+  sharding.check_batch_size(config.input.batch_size, mesh, batch_axes)
+  data = data or data_source.from_input_config(config)
+  dur = _durations(config, data.num_examples)
+  sampler = patch_sampler.from_config(config.flexi, total_steps=dur["total"], seed=config.seed)
+  shard = lambda tree: sharding.tree_shardings(tree, mesh, config.sharding)
+  ckpt = ckpt_manager.CheckpointManager(workdir, keep=config.keep_ckpts)
+  try:
+    return _run(config, workdir, trainer, data, dur, sampler, mesh, batch_axes, shard,
+                ckpt, writer)
+  finally:
+    ckpt.close()
+
+
+def _run(config, workdir, trainer, data, dur, sampler, mesh, batch_axes, shard, ckpt, writer):
+  total = dur["total"]
+  # Peek at the first batch only for shapes: the iterator is re-made at the start step.
+  batch_spec = data_source.global_spec(next(data.make_iter(0)), mesh, batch_axes)
+  if batch_spec[next(iter(batch_spec))].shape[0] != config.input.batch_size:
+    raise ValueError(f"data gives global batches of {batch_spec[next(iter(batch_spec))].shape[0]}"
+                     f", config.input.batch_size is {config.input.batch_size}")
+  params_shape = jax.eval_shape(trainer.init_params, jax.random.PRNGKey(0), batch_spec)
+  tx, lr_fn = optim.make_optimizer(config, params_shape, total_steps=total,
+                                   warmup_steps=dur["warmup"], frozen=trainer.frozen)
+  params, opt_state, start, p_sh, o_sh = _init_state(
+      trainer, config, tx, batch_spec, shard, ckpt, writer)
+  consts = None
+  if trainer.make_consts:
+    host_consts = trainer.make_consts(config)
+    consts = jax.device_put(host_consts, shard(host_consts))
+  writer.info(f"{optim.count_params(params):,} params; mesh {dict(mesh.shape)}; "
+              f"{total} steps from {start}; {sampler.kind} in {sampler.values}")
+  step_fn = steps.make_train_step(trainer, tx, lr_fn, seed=config.seed)
+  compiled, compile_secs = steps.compile_all(
+      step_fn, sampler, params, opt_state, consts, batch_spec, mesh, p_sh, o_sh)
+  for v, sec in compile_secs.items():
+    writer.info(f"compiled {sampler.kind}={v} in {sec:.2f}s")
+  writer.write(start, {f"compile_sec/{sampler.kind}={v}": s for v, s in compile_secs.items()})
+
+  predict_fns = PredictFns(trainer.predict_fn, sampler.kind, sampler.values) \
+      if trainer.predict_fn else {}
+  ctx = evaluators_lib.EvalContext(mesh, batch_axes, config.input.batch_size, workdir)
+  evals = evaluators_lib.build_evaluators(
+      config.evals, predict_fns, ctx, batch_size=config.input.batch_size,
+      num_train_examples=data.num_examples, total_steps=total)
+
+  guard, progress = _FiniteGuard(), logging_utils.Progress(total, config.input.batch_size, start)
+  image_hw = batch_spec["image"].shape[1:3] if "image" in batch_spec else None
+  batches = data_source.global_iter(data.make_iter(start), mesh, batch_axes)
+  last_metrics, eval_metrics = {}, {}
+  for step in range(start, total):
+    value = sampler.sample(step)
+    params, opt_state, metrics = compiled[value](params, opt_state, consts, next(batches),
+                                                 np.int32(step))
+    guard.add(step, metrics)
+    done = step + 1
+    if config.debug.check_finite_every and done % config.debug.check_finite_every == 0:
+      guard.check()
+    if _due(done, dur["log"], total):
+      guard.check()
+      last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      last_metrics[f"train/{sampler.kind}"] = value
+      if image_hw is not None:
+        last_metrics["train/patch_size"] = patch_sampler.patch_size_of(sampler.kind, value,
+                                                                       image_hw)
+      last_metrics.update(progress.tick(done))
+      writer.write(done, last_metrics)
+      writer.info(logging_utils.progress_line(done, total, last_metrics))
+    if _due(done, dur["ckpt"], total):
+      guard.check()
+      ckpt.save(done, params, opt_state, {"step": done, "seed": int(config.seed)})
+    variables = None
+    for ev in evals:
+      if ev.due(done, total):
+        variables = variables or {"params": params, **(consts or {})}
+        t0 = time.perf_counter()
+        results = dict(ev.run(variables))
+        results[f"{ev.name}/eval_sec"] = time.perf_counter() - t0
+        writer.write(done, results)
+        eval_metrics.update(results)
+  guard.check()
+  ckpt.wait()
+  return TrainResult(params, opt_state, max(total, start), last_metrics, eval_metrics,
+                     compile_secs)
