@@ -59,7 +59,8 @@ class SentencePieceTokenizer:
     return self._sp.decode([i for i in ids if i != self.pad_id])
 
   def tf_encode(self, text):
-    fn = lambda t: np.asarray(self._sp.encode(t.decode("utf-8")), np.int32)
+    def fn(t):
+      return np.asarray(self._sp.encode(np.asarray(t).item().decode("utf-8")), np.int32)
     ids = tf.numpy_function(fn, [text], tf.int32, stateful=False)
     ids.set_shape([None])
     return ids
