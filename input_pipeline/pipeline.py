@@ -10,6 +10,7 @@ import collections
 import difflib
 import logging
 import math
+import re
 
 import jax
 import numpy as np
@@ -147,10 +148,11 @@ def build_eval_dataset(data_cfg, pp, batch_size, *, process_index=None, process_
 def _named_error(e):
   """A one-line ValueError for our in-graph 'undecodable record' assertion."""
   msg = e.message if hasattr(e, "message") else str(e)
-  if "Undecodable or truncated image in record" not in msg:
+  m = re.search(r"Undecodable or truncated image in record['\]]?\s*(?:\[|b')?([^\]'\n]+)", msg)
+  if not m:
     return None
-  parts = [l.strip().strip("b'\"") for l in msg.split("Summarized data:")[-1].splitlines()]
-  return ValueError(" ".join(p for p in parts if p).split("\n")[0].split(" [[")[0])
+  return ValueError(f"Undecodable or truncated image in record {m.group(1).strip()} "
+                    "(set skip_decode_errors=True to skip and count such records)")
 
 
 def global_batches(local_batches, mesh, batch_axes=("data",), prefetch=2):

@@ -1,0 +1,58 @@
+"""Mixup: one coefficient and one roll for every image copy and the labels."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from input_pipeline import mixup
+
+
+def _batch():
+  rng = np.random.default_rng(0)
+  return {"image": jnp.asarray(rng.normal(size=(6, 4, 4, 3)), jnp.float32),
+          "prof": jnp.asarray(rng.normal(size=(6, 3, 3, 3)), jnp.float32),
+          "labels": jnp.asarray(np.eye(5)[rng.integers(0, 5, 6)], jnp.float32),
+          "other": jnp.arange(6)}
+
+
+def _coef(mixed, x):
+  """Solves mixed = a*x + (1-a)*roll(x, 1) for a (least squares)."""
+  d = (x - jnp.roll(x, 1, axis=0)).ravel()
+  return float(jnp.dot((mixed - jnp.roll(x, 1, axis=0)).ravel(), d) / jnp.dot(d, d))
+
+
+def test_same_coefficient_and_roll_for_all_keys_inside_jit():
+  b = _batch()
+  f = jax.jit(lambda r, b: mixup(r, b, p=0.4, keys=("image", "prof")))
+  out = f(jax.random.key(3), b)
+  a = _coef(out["image"], b["image"])
+  assert 0.5 <= a <= 1.0
+  for k in ("image", "prof", "labels"):
+    np.testing.assert_allclose(out[k], a * b[k] + (1 - a) * jnp.roll(b[k], 1, axis=0),
+                               atol=1e-5)
+  np.testing.assert_array_equal(out["other"], b["other"])
+  np.testing.assert_allclose(out["labels"].sum(-1), 1.0, atol=1e-6)
+
+
+def test_beta_like_big_vision():
+  b = _batch()
+  rng = jax.random.key(7)
+  a = jax.random.beta(rng, 0.4, 0.4)
+  a = max(float(a), 1 - float(a))
+  out = mixup(rng, b, p=0.4)
+  np.testing.assert_allclose(out["image"], a * b["image"] + (1 - a) * jnp.roll(b["image"], 1, 0),
+                             atol=1e-5)
+
+
+def test_p0_is_identity_and_n3_mixes_three():
+  b = _batch()
+  out = mixup(jax.random.key(0), b, p=0.0)
+  np.testing.assert_array_equal(out["image"], b["image"])
+  out = mixup(jax.random.key(0), b, p=1.0, n=3)
+  np.testing.assert_allclose(out["labels"].sum(-1), 1.0, atol=1e-6)
+
+
+def test_missing_key_is_named():
+  with pytest.raises(ValueError, match="'prof'"):
+    mixup(jax.random.key(0), {"image": jnp.ones((2, 1)), "labels": jnp.ones((2, 1))},
+          keys=("image", "prof"))
