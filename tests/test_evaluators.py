@@ -1,0 +1,186 @@
+"""Sweep and timing evaluators, the budget picker (tiny model, 8 simulated devices)."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import evaluators
+from evaluators import classification, sweep, timing
+from flexi import budget, sharding, train_loop, vit
+
+SIZES = (16, 8, 4)
+NUM_CLASSES = 10
+
+
+@pytest.fixture(scope="module")
+def setup():
+  model = vit.Model(NUM_CLASSES, width=32, depth=1, mlp_dim=64, num_heads=2,
+                    pool_type="gap", head_zeroinit=False)
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(37, 32, 32, 3)).astype(np.float32)  # 37: not a multiple of 16.
+  labels = rng.integers(0, NUM_CLASSES, size=37)
+  params = model.init(jax.random.PRNGKey(0), images[:1])["params"]
+  mesh = sharding.make_mesh([("data", -1)])
+  params = jax.device_put(params, sharding.replicated(mesh))
+
+  def predict(variables, batch, **flexi):
+    logits, _ = model.apply({"params": variables["params"]}, batch["image"], **flexi)
+    return {"logits": logits}
+
+  fns = train_loop.PredictFns(predict, "patch_size", SIZES)
+  ctx = evaluators.EvalContext(mesh, ("data",), 16, None)
+  onehot = np.eye(NUM_CLASSES, dtype=np.float32)[labels]
+  ref = {}
+  for p in SIZES:  # NumPy reference on the unpadded split.
+    logits = np.asarray(model.apply({"params": params}, images, patch_size=p)[0], np.float64)
+    logp = logits - np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1,
+                                  keepdims=True)) - logits.max(-1, keepdims=True)
+    ref[p] = dict(logits=logits, acc=np.mean(logits.argmax(-1) == labels),
+                  loss=np.mean(-logp[np.arange(37), labels]))
+  return dict(model=model, params=params, images=images, labels=labels, onehot=onehot,
+              fns=fns, ctx=ctx, ref=ref, mesh=mesh)
+
+
+def _batches(s, **extra):
+  arrays = {"image": s["images"], "labels": s["onehot"], **extra}
+  return lambda: sweep.pad_batches(arrays, 16)
+
+
+@pytest.fixture(scope="module")
+def sweep_rows(setup, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("sweep"))
+  ctx = evaluators.EvalContext(setup["mesh"], ("data",), 16, workdir)
+  ev = sweep.Evaluator(setup["fns"], ctx, patch_sizes=SIZES, batch_size=16,
+                       batches=_batches(setup), verbose=False)
+  metrics = dict(ev.run({"params": setup["params"]}))
+  return ev, metrics, workdir
+
+
+def test_sweep_matches_reference_and_padding(setup, sweep_rows):
+  _, metrics, _ = sweep_rows
+  for p in SIZES:
+    ref = setup["ref"][p]
+    assert metrics[f"patch_size={p}/prec@1"] == pytest.approx(ref["acc"], abs=1e-9)
+    assert metrics[f"patch_size={p}/loss"] == pytest.approx(ref["loss"], rel=1e-5)
+  # The random-init accuracies must differ between sizes, or the test proves little.
+  assert len({round(metrics[f"patch_size={p}/loss"], 6) for p in SIZES}) == 3
+
+
+def test_sweep_counts_every_example_once(setup, sweep_rows):
+  ev, _, workdir = sweep_rows
+  rows = json.load(open(os.path.join(workdir, "sweep.json")))["rows"]
+  assert [r["num_examples"] for r in rows] == [37, 37, 37]  # 3 batches of 16, 11 padded.
+  assert [r["tokens"] for r in rows] == [4, 16, 64]
+  assert os.path.getsize(os.path.join(workdir, "sweep.png")) > 10_000
+  assert ev.compiled  # Compiled once, reused for every batch.
+
+
+def test_sweep_equals_separate_classification_evals(setup, sweep_rows):
+  _, metrics, _ = sweep_rows
+  for p in SIZES:
+    ev = classification.Evaluator(setup["fns"], setup["ctx"], data={}, pp_fn="",
+                                  pred=f"predict_patch_size={p}", batch_size=16)
+    ev._batches = lambda: (sharding.to_global(b, setup["mesh"]) for b in _batches(setup)())
+    single = dict(ev.run({"params": setup["params"]}))
+    assert metrics[f"patch_size={p}/prec@1"] == single["prec@1"]
+    assert metrics[f"patch_size={p}/loss"] == pytest.approx(single["loss"], rel=1e-6)
+
+
+def test_gflops_follow_token_count(sweep_rows):
+  _, metrics, _ = sweep_rows
+  d, m, hw, c, n_cls = 32, 64, 32 * 32, 3, NUM_CLASSES
+  for p in SIZES:
+    n = hw // (p * p)
+    # Patch embedding + qkv/out + attention + MLP + head, 2 flops per multiply-add.
+    analytic = 2 * hw * c * d + 8 * n * d * d + 4 * n * n * d + 4 * n * d * m + 2 * d * n_cls
+    ratio = metrics[f"patch_size={p}/gflops"] * 1e9 / analytic
+    assert 0.95 < ratio < 1.35, (p, ratio)
+  g = [metrics[f"patch_size={p}/gflops"] for p in SIZES]
+  assert g[0] < g[1] < g[2]
+
+
+def test_sweep_real_accuracy_with_label_sets(setup):
+  real = setup["onehot"].copy()
+  real[::3, (setup["labels"][::3] + 1) % NUM_CLASSES] = 1.  # Second valid label.
+  real[1::7] = 0.  # Examples without any valid label are excluded from real@1.
+  ev = sweep.Evaluator(setup["fns"], setup["ctx"], patch_sizes=(8,), batch_size=16,
+                       real_key="real", batches=_batches(setup, real=real), verbose=False)
+  metrics = dict(ev.run({"params": setup["params"]}))
+  top1 = setup["ref"][8]["logits"].argmax(-1)
+  valid = real.sum(-1) > 0
+  expect = np.mean(real[np.arange(37), top1][valid] > 0)
+  assert metrics["patch_size=8/real@1"] == pytest.approx(expect, abs=1e-9)
+  assert metrics["patch_size=8/prec@1"] == pytest.approx(setup["ref"][8]["acc"], abs=1e-9)
+
+
+def test_sweep_bad_config(setup):
+  with pytest.raises(ValueError, match="one of patch_sizes, seqhws or preds"):
+    sweep.Evaluator(setup["fns"], setup["ctx"], patch_sizes=(8,), preds=["x"],
+                    data={}, pp_fn="")
+  with pytest.raises(ValueError, match="'predict_foo'"):
+    sweep.Evaluator(setup["fns"], setup["ctx"], preds=["predict_foo"], data={}, pp_fn="")
+  with pytest.raises(ValueError, match="needs `data` and `pp_fn`"):
+    sweep.Evaluator(setup["fns"], setup["ctx"], patch_sizes=(8,))
+  with pytest.raises(ValueError, match="needs 'pp_fn'"):
+    sweep.Evaluator.validate("s", dict(data={}), setup["fns"])
+  with pytest.raises(ValueError, match="batch size 12"):
+    sweep.Evaluator(setup["fns"], setup["ctx"], patch_sizes=(8,), batch_size=12,
+                    data={}, pp_fn="")
+
+
+def test_timing_evaluator(setup, tmp_path):
+  ctx = evaluators.EvalContext(setup["mesh"], ("data",), 16, str(tmp_path))
+  ev = timing.Evaluator(setup["fns"], ctx, image_size=32, patch_sizes=(16, 4),
+                        batch_sizes=(1, 16), repeats=2, verbose=False)
+  metrics = dict(ev.run({"params": setup["params"]}))
+  for p in (16, 4):
+    for b in (1, 16):
+      assert metrics[f"patch_size={p}/batch={b}/ms"] > 0
+  rows = json.load(open(tmp_path / "timing.json"))["rows"]
+  assert len(rows) == 4 and {r["batch_size"] for r in rows} == {1, 16}
+  assert rows[0]["gflops"] < rows[2]["gflops"]  # Patch 16 is cheaper than patch 4.
+  with pytest.raises(ValueError, match="batch size 0"):
+    timing.Evaluator(setup["fns"], ctx, image_size=32, patch_sizes=(8,), batch_sizes=(0,))
+  with pytest.raises(ValueError, match="does not tile"):
+    timing.Evaluator(setup["fns"], ctx, image_size=32, patch_sizes=(5,))
+
+
+HAND_MADE = [dict(patch_size=48, **{"prec@1": .60}, gflops=1.0, ms_per_img=1.0),
+             dict(patch_size=32, **{"prec@1": .70}, gflops=2.0, ms_per_img=1.5),
+             dict(patch_size=24, **{"prec@1": .69}, gflops=3.0, ms_per_img=2.0),  # Dominated.
+             dict(patch_size=16, **{"prec@1": .80}, gflops=6.0, ms_per_img=4.0),
+             dict(patch_size=8, **{"prec@1": .85}, gflops=24.0, ms_per_img=20.0)]
+
+
+def test_budget_picker_hand_made():
+  assert budget.pick(HAND_MADE, 2.5)["patch_size"] == 32
+  assert budget.pick(HAND_MADE, 5.9)["patch_size"] == 32  # 24 is worse and dearer.
+  assert budget.pick(HAND_MADE, 6.0)["patch_size"] == 16  # Inclusive budget.
+  assert budget.pick(HAND_MADE, 100)["patch_size"] == 8
+  assert budget.pick(HAND_MADE, 0.5) is None
+  assert budget.pick(HAND_MADE, 3.0, cost="ms_per_img")["patch_size"] == 32
+  assert [r["patch_size"] for r in budget.pareto_front(HAND_MADE)] == [48, 32, 16, 8]
+  table = budget.choices_table(HAND_MADE, budget=2.5)
+  assert "| 32 | 0.7000 | 2 | * | yes <- chosen |" in table
+  with pytest.raises(ValueError, match="lacks 'ms_per_img'"):
+    budget.pick([dict(patch_size=8, gflops=1., **{"prec@1": .5})], 1.0, cost="ms_per_img")
+  with pytest.raises(ValueError, match="unknown cost 'joules'"):
+    budget.pick(HAND_MADE, 1.0, cost="joules")
+  with pytest.raises(ValueError, match="positive"):
+    budget.pick(HAND_MADE, -1.0)
+
+
+def test_budget_cli(tmp_path, capsys):
+  path = tmp_path / "sweep.json"
+  path.write_text(json.dumps({"rows": HAND_MADE}))
+  assert budget.main([str(path), "--gflops", "7"]) == 0
+  assert "choose patch size 16" in capsys.readouterr().out
+  assert budget.main([str(path), "--ms", "0.1"]) == 1
+  assert "no patch size fits" in capsys.readouterr().out
+  assert budget.main([str(tmp_path / "missing.json"), "--ms", "1"]) == 2
+  assert "not found" in capsys.readouterr().err
+  (tmp_path / "bad.json").write_text("{")
+  assert budget.main([str(tmp_path / "bad.json"), "--ms", "1"]) == 2
+  assert "not valid JSON" in capsys.readouterr().err
