@@ -196,7 +196,8 @@ def _corrupt_folder(root):
 def test_corrupt_jpeg_error_names_the_file(tmp_path):
   _corrupt_folder(str(tmp_path))
   ds, _ = ip.build_eval_dataset(dict(name=f"dir:{tmp_path}", split="val"),
-                                "decode|resize(4)|keep(\"image\")", 2, process_index=0, process_count=1)
+                                'decode|resize(4)|keep("image")', 2, process_index=0,
+                                process_count=1)
   mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
   with pytest.raises(ValueError, match=r"Undecodable or truncated image in record .*img1\.jpg"):
     list(ip.global_batches(ds, mesh))
