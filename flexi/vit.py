@@ -7,10 +7,11 @@ big_vision's (`models/proj/flexi/vit.py` and `models/vit.py`), so released `.npz
 checkpoints load unchanged. With `patch_size=(8, 8)` and `posemb_size=(28, 28)` on
 224px input nothing is resized: it is a plain ViT-B/8 (the FunMatch teacher).
 """
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import einops
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -78,6 +79,7 @@ class Patchify(nn.Module):
   """
   patch_size: Sequence[int] = (32, 32)
   width: int = 768
+  dtype: Any = None  # Compute dtype (params stay float32).
 
   @nn.compact
   def __call__(self, image, patch_size):
@@ -88,19 +90,43 @@ class Patchify(nn.Module):
     kernel = resize.pi_resize_patchemb(kernel, patch_size)
     ph, pw = patch_size
     patches = einops.rearrange(image, "n (h ph) (w pw) c -> n h w (ph pw c)", ph=ph, pw=pw)
+    dtype = self.dtype or patches.dtype
     flat_kernel = jnp.reshape(kernel, (ph * pw * c, self.width))
-    return jnp.einsum("nhwk,kd->nhwd", patches, flat_kernel.astype(patches.dtype)) + bias
+    out = jnp.einsum("nhwk,kd->nhwd", patches.astype(dtype), flat_kernel.astype(dtype))
+    return out + bias.astype(dtype)
+
+
+def xla_attention(query, key, value, mask=None, dtype=None):
+  """`jax.nn.dot_product_attention` with flax's `attention_fn` signature.
+
+  Same math as flax's default (softmax(q k^T / sqrt(d)) v); lets XLA pick a fused
+  kernel (cuDNN flash attention on GPU). Params are untouched, so names are kept.
+  """
+  if dtype is not None:
+    query, key, value = (t.astype(dtype) for t in (query, key, value))
+  return jax.nn.dot_product_attention(query, key, value, mask=mask)
+
+
+_ATTENTION = {"flax": nn.dot_product_attention, "xla": xla_attention}
+
+
+def attention_fn(name):
+  """'flax' (default, big_vision's) or 'xla' (jax.nn.dot_product_attention)."""
+  if name not in _ATTENTION:
+    raise ValueError(f"unknown attention {name!r}; choose one of {sorted(_ATTENTION)}")
+  return _ATTENTION[name]
 
 
 class MlpBlock(nn.Module):
   """Transformer feed-forward block (big_vision init)."""
   mlp_dim: Optional[int] = None
   dropout: float = 0.0
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x, deterministic=True):
     inits = dict(kernel_init=nn.initializers.xavier_uniform(),
-                 bias_init=nn.initializers.normal(stddev=1e-6))
+                 bias_init=nn.initializers.normal(stddev=1e-6), dtype=self.dtype)
     d = x.shape[-1]
     x = nn.Dense(self.mlp_dim or 4 * d, **inits)(x)
     x = nn.gelu(x)
@@ -113,36 +139,60 @@ class Encoder1DBlock(nn.Module):
   mlp_dim: Optional[int] = None
   num_heads: int = 12
   dropout: float = 0.0
+  dtype: Any = None
+  attention: str = "flax"
+  scan_carry: bool = False  # Return (x, None), the carry/output pair nn.scan wants.
 
   @nn.compact
   def __call__(self, x, deterministic=True):
-    y = nn.LayerNorm()(x)
+    y = nn.LayerNorm(dtype=self.dtype)(x)
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, kernel_init=nn.initializers.xavier_uniform(),
-        deterministic=deterministic)(y, y)
+        deterministic=deterministic, dtype=self.dtype,
+        attention_fn=attention_fn(self.attention))(y, y)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
     x = x + y
-    y = nn.LayerNorm()(x)
-    y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout)(y, deterministic)
+    y = nn.LayerNorm(dtype=self.dtype)(x)
+    y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype=self.dtype)(
+        y, deterministic)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
-    return x + y
+    x = x + y
+    return (x, None) if self.scan_carry else x
 
 
 class Encoder(nn.Module):
-  """Stack of blocks named `encoderblock_{i}` plus `encoder_norm`, as big_vision."""
+  """Stack of blocks named `encoderblock_{i}` plus `encoder_norm`, as big_vision.
+
+  With `scan=True` the blocks are one `nn.scan` (params stacked on a leading depth
+  axis under `encoderblock`): XLA compiles one block instead of `depth`, which cuts
+  compile time roughly by the depth. `scan_to_layers` / `layers_to_scan` convert
+  between the two layouts; checkpoints are always saved with per-layer names.
+  """
   depth: int
   mlp_dim: Optional[int] = None
   num_heads: int = 12
   dropout: float = 0.0
   remat: bool = False
+  scan: bool = False
+  dtype: Any = None
+  attention: str = "flax"
 
   @nn.compact
   def __call__(self, x, deterministic=True):
-    block_cls = nn.remat(Encoder1DBlock, static_argnums=(2,)) if self.remat else Encoder1DBlock
-    for i in range(self.depth):
-      x = block_cls(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
-                    name=f"encoderblock_{i}")(x, deterministic)
-    return nn.LayerNorm(name="encoder_norm")(x)
+    kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
+              dtype=self.dtype, attention=self.attention)
+    block_cls = Encoder1DBlock
+    if self.remat:  # Recompute activations in the backward pass: less peak memory.
+      block_cls = nn.remat(block_cls, static_argnums=(2,), prevent_cse=not self.scan)
+    if self.scan:
+      stack = nn.scan(block_cls, variable_axes={"params": 0},
+                      split_rngs={"params": True, "dropout": True},
+                      in_axes=nn.broadcast, length=self.depth)
+      x, _ = stack(scan_carry=True, name="encoderblock", **kw)(x, deterministic)
+    else:
+      for i in range(self.depth):
+        x = block_cls(name=f"encoderblock_{i}", **kw)(x, deterministic)
+    return nn.LayerNorm(name="encoder_norm", dtype=self.dtype)(x)
 
 
 class MAPHead(nn.Module):
@@ -175,7 +225,13 @@ class _Model(nn.Module):
   pool_type: str = "gap"
   head_zeroinit: bool = True
   dropout: float = 0.0
-  remat: bool = False
+  remat: bool = False  # Rematerialise each block in the backward pass (less memory).
+  scan: bool = False  # nn.scan over blocks (faster compiles; see Encoder).
+  dtype: Optional[str] = None  # Compute dtype, e.g. "bfloat16"; params stay float32.
+  attention: str = "flax"  # "flax" (big_vision's) or "xla" (jax.nn.dot_product_attention).
+
+  # The stem module; benchmarks/reference.py swaps in big_vision's conv formulation.
+  embedding_cls = Patchify
 
   def resolve_patch_size(self, image_hw, patch_size=None, seqhw=None):
     """The patch size of a call: given directly, from a token grid, or the stored one."""
@@ -207,8 +263,9 @@ class _Model(nn.Module):
       ph, pw = _pair(self.patch_size)
       image = image[:, :max(ph, image.shape[1] // ph * ph), :max(pw, image.shape[2] // pw * pw)]
     patch = self.resolve_patch_size(image.shape[1:3], patch_size, seqhw)
-    x = out["stem"] = Patchify(_pair(self.patch_size), self.width, name="embedding")(
-        image, patch)
+    dtype = jnp.dtype(self.dtype) if self.dtype else None
+    x = out["stem"] = self.embedding_cls(_pair(self.patch_size), self.width, dtype=dtype,
+                                         name="embedding")(image, patch)
     n, h, w, c = x.shape
     x = jnp.reshape(x, (n, h * w, c))
     # Position embedding is added BEFORE the [cls] token is prepended (big_vision).
@@ -217,10 +274,11 @@ class _Model(nn.Module):
       cls = self.param("cls", nn.initializers.zeros, (1, 1, c), jnp.float32)
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), [n, 1, 1]), x], axis=1)
     x = nn.Dropout(rate=self.dropout)(x, not train)
-    x = out["encoded"] = Encoder(
+    x = Encoder(
         depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
-        dropout=self.dropout, remat=self.remat, name="Transformer")(x, not train)
-    encoded = x
+        dropout=self.dropout, remat=self.remat, scan=self.scan, dtype=dtype,
+        attention=self.attention, name="Transformer")(x, not train)
+    x = encoded = out["encoded"] = x.astype(jnp.float32)  # Pooling and head in float32.
     if self.pool_type == "map":
       x = MAPHead(num_heads=self.num_heads, mlp_dim=self.mlp_dim)(x)
     elif self.pool_type == "gap":
@@ -240,7 +298,7 @@ class _Model(nn.Module):
 
 
 _FIELDS = {"patch_size", "posemb_size", "width", "depth", "mlp_dim", "num_heads", "posemb",
-           "pool_type", "head_zeroinit", "dropout", "remat"}
+           "pool_type", "head_zeroinit", "dropout", "remat", "scan", "dtype", "attention"}
 
 
 def Model(num_classes=None, *, variant=None, **kw):  # pylint: disable=invalid-name
@@ -252,4 +310,73 @@ def Model(num_classes=None, *, variant=None, **kw):  # pylint: disable=invalid-n
   for key in ("patch_size", "posemb_size"):
     if key in cfg:
       cfg[key] = _pair(cfg[key])
+  attention_fn(cfg.get("attention", "flax"))  # Fail early on a bad name.
+  if cfg.get("dtype") is not None:
+    try:
+      jnp.dtype(cfg["dtype"])
+    except TypeError:
+      raise ValueError(f"unknown ViT dtype {cfg['dtype']!r}; e.g. 'bfloat16'") from None
   return _Model(num_classes, **cfg)
+
+
+# --- Scanned <-> per-layer parameter layouts. -------------------------------------
+# `scan=True` stores blocks as `Transformer/encoderblock/...` with a leading depth
+# axis; big_vision checkpoints name them `Transformer/encoderblock_{i}/...`. These
+# convert anywhere in a tree (also nested, e.g. a two-tower's `img/Transformer`).
+
+_SCANNED = "encoderblock"
+
+
+def _is_map(x):
+  return hasattr(x, "items") and hasattr(x, "keys")
+
+
+def _layer_keys(node):
+  keys = [k for k in node if k.startswith(_SCANNED + "_") and k[len(_SCANNED) + 1:].isdigit()]
+  return sorted(keys, key=lambda k: int(k[len(_SCANNED) + 1:]))
+
+
+def is_scanned(params) -> bool:
+  """True if any encoder in `params` is in the scanned (stacked) layout."""
+  if not _is_map(params):
+    return False
+  return _SCANNED in params or any(is_scanned(v) for v in params.values())
+
+
+def scan_to_layers(params):
+  """Scanned layout -> big_vision per-layer names (no-op for per-layer trees)."""
+  if not _is_map(params):
+    return params
+  out = {}
+  for key, value in params.items():
+    if key == _SCANNED and _is_map(value):
+      if _layer_keys(params):
+        raise ValueError("params have both 'encoderblock' and 'encoderblock_{i}' entries")
+      depth = {x.shape[0] for x in jax.tree.leaves(value)}
+      if len(depth) != 1:
+        raise ValueError(f"scanned encoderblock leaves disagree on depth: {sorted(depth)}")
+      for i in range(depth.pop()):
+        out[f"{_SCANNED}_{i}"] = jax.tree.map(lambda x, i=i: x[i], dict(value))
+    else:
+      out[key] = scan_to_layers(value)
+  return out
+
+
+def layers_to_scan(params):
+  """big_vision per-layer names -> scanned layout (no-op for scanned trees)."""
+  if not _is_map(params):
+    return params
+  layers = _layer_keys(params)
+  if layers and [int(k[len(_SCANNED) + 1:]) for k in layers] != list(range(len(layers))):
+    raise ValueError(f"encoder blocks are not numbered 0..{len(layers) - 1}: {layers}")
+  out = {k: layers_to_scan(v) for k, v in params.items() if k not in layers}
+  if layers:
+    blocks = [params[k] for k in layers]
+    xp = np if all(isinstance(x, np.ndarray) for x in jax.tree.leaves(blocks)) else jnp
+    out[_SCANNED] = jax.tree.map(lambda *xs: xp.stack(xs), *[dict(b) for b in blocks])
+  return out
+
+
+def match_layout(params, like):
+  """Converts `params` to the layout (scanned or per-layer) of `like`."""
+  return layers_to_scan(params) if is_scanned(like) else scan_to_layers(params)
