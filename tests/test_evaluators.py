@@ -184,3 +184,61 @@ def test_budget_cli(tmp_path, capsys):
   (tmp_path / "bad.json").write_text("{")
   assert budget.main([str(tmp_path / "bad.json"), "--ms", "1"]) == 2
   assert "not valid JSON" in capsys.readouterr().err
+
+
+# --- Eval-only CLI on a tiny demo workdir ---------------------------------------
+
+PP = ('decode|resize(32)|value_range(-1, 1)|onehot(10, key="label", key_result="labels")'
+      '|keep("image", "labels")')
+DEMO = ["--config", "configs/demo.py:runlocal,data=fine_shapes/tiny,res=32,width=32,depth=1,"
+        "batch=16", f"--config.input.pp={PP}", f"--config.evals.test.pp_fn={PP}",
+        "--config.evals.test.data.split=test",  # 50 examples: the last batch is padded.
+        "--config.total_steps=2", "--config.flexi.patch_size={'v': [16]}"]
+SWEEP = ("--config.evals.sweep={'type': 'sweep', 'data': {'name': 'fine_shapes/tiny', "
+         f"'split': 'test'}}, 'pp_fn': '{PP}', 'patch_sizes': [32, 16, 8], 'batch_size': 16}}")
+
+
+@pytest.fixture(scope="module")
+def demo_workdir(tmp_path_factory):
+  from trainers import train  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path_factory.mktemp("demo"))
+  cache = ["--config.compilation_cache_dir=" + str(tmp_path_factory.getbasetemp() / "jc")]
+  result = train.main(DEMO + cache + ["--workdir", workdir])
+  return workdir, result.eval_metrics, cache
+
+
+def test_eval_only_cli_on_demo_workdir(demo_workdir, tmp_path, capsys):
+  from evaluators import run  # pylint: disable=import-outside-toplevel
+  from flexi.tools import convert  # pylint: disable=import-outside-toplevel
+  workdir, trained, cache = demo_workdir
+  assert run.main(DEMO + cache + [SWEEP, "--workdir", workdir]) == 0
+  out = capsys.readouterr().out
+  assert "| sweep | 8 |" in out and "GFLOPs/img" in out
+  got = json.load(open(os.path.join(workdir, "eval_results.json")))["metrics"]
+  for p in (32, 16, 8):  # Same params, same split as the end-of-training eval.
+    key = f"test/patch_size={p}/prec@1"
+    assert got[key] == pytest.approx(trained[key], abs=1e-9)
+    assert got[f"sweep/patch_size={p}/prec@1"] == pytest.approx(trained[key], abs=1e-9)
+  rows = json.load(open(os.path.join(workdir, "sweep.json")))["rows"]
+  assert [r["num_examples"] for r in rows] == [50, 50, 50]
+  # The same model through a big_vision .npz and --checkpoint.
+  npz = str(tmp_path / "demo.npz")
+  assert convert.main(["to-npz", workdir, npz]) == 0
+  assert run.main(DEMO + cache + ["--checkpoint", npz, "--out", str(tmp_path / "ev"),
+                                  "--evals", "test"]) == 0
+  got2 = json.load(open(tmp_path / "ev" / "eval_results.json"))["metrics"]
+  assert got2["test/patch_size=8/loss"] == pytest.approx(got["test/patch_size=8/loss"],
+                                                         rel=1e-6)
+
+
+def test_eval_only_cli_errors(demo_workdir, tmp_path, capsys):
+  from evaluators import run  # pylint: disable=import-outside-toplevel
+  workdir, _, cache = demo_workdir
+  assert run.main(DEMO + cache + ["--workdir", workdir, "--evals", "tset"]) == 2
+  assert "unknown eval(s) ['tset']" in capsys.readouterr().err
+  assert run.main(DEMO + cache) == 2
+  assert "pass --workdir" in capsys.readouterr().err
+  assert run.main(DEMO + cache + ["--workdir", str(tmp_path)]) == 2
+  assert "no checkpoint folder" in capsys.readouterr().err
+  assert run.main(DEMO + cache + ["--checkpoint", str(tmp_path / "x.npz")]) == 2
+  assert "checkpoint not found" in capsys.readouterr().err
