@@ -91,12 +91,14 @@ def base_defaults() -> dict:
           fsdp_axis="data",              # Axis used by the 'fsdp' rule.
       ),
       compilation_cache_dir="~/.cache/flexi/jax_cache",  # None/'' disables the persistent cache.
+      xla_compiler_options={},      # (open) e.g. {"xla_backend_optimization_level": 0} (fast compiles).
       debug=dict(check_finite_every=0),  # >0: also check the loss for NaN every N steps.
   )
 
 
 # Dotted paths whose contents are free-form.
-BASE_OPEN = frozenset({"arg", "model", "model_load", "optax", "input.data", "evals"})
+BASE_OPEN = frozenset({"arg", "model", "model_load", "optax", "input.data", "evals",
+                       "xla_compiler_options"})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,7 +40,8 @@ def jit_step(step_fn, mesh, p_sh, o_sh, consts):
                  out_shardings=(p_sh, o_sh, rep), donate_argnums=(0, 1))
 
 
-def compile_all(build, sampler, params, opt_state, consts, batch_spec, mesh, p_sh, o_sh):
+def compile_all(build, sampler, params, opt_state, consts, batch_spec, mesh, p_sh, o_sh,
+                compiler_options=None):
   """AOT-compiles the step for every configured value. Returns ({v: compiled}, {v: sec})."""
   args = (_abstract(params, p_sh), _abstract(opt_state, o_sh),
           None if consts is None else _abstract(consts, jax.tree.map(lambda x: x.sharding,
@@ -50,6 +51,6 @@ def compile_all(build, sampler, params, opt_state, consts, batch_spec, mesh, p_s
   for value in sampler.values:
     t0 = time.perf_counter()
     fn = jit_step(build(sampler.kwargs(value)), mesh, p_sh, o_sh, consts)
-    compiled[value] = fn.lower(*args).compile()
+    compiled[value] = fn.lower(*args).compile(compiler_options=compiler_options or None)
     secs[value] = time.perf_counter() - t0
   return compiled, secs

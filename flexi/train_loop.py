@@ -205,7 +205,8 @@ def _run(config, workdir, trainer, data, dur, sampler, mesh, batch_axes, shard, 
               f"{total} steps from {start}; {sampler.kind} in {sampler.values}")
   step_fn = steps.make_train_step(trainer, tx, lr_fn, seed=config.seed)
   compiled, compile_secs = steps.compile_all(
-      step_fn, sampler, params, opt_state, consts, batch_spec, mesh, p_sh, o_sh)
+      step_fn, sampler, params, opt_state, consts, batch_spec, mesh, p_sh, o_sh,
+      dict(config.xla_compiler_options))
   for v, sec in compile_secs.items():
     writer.info(f"compiled {sampler.kind}={v} in {sec:.2f}s")
   writer.write(start, {f"compile_sec/{sampler.kind}={v}": s for v, s in compile_secs.items()})
