@@ -16,6 +16,7 @@ import zipfile
 import numpy as np
 
 from flexi import resize
+from flexi import vit
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +146,12 @@ def load_params(path):
 
 
 def save_params(params, path):
-  """Writes params as a big_vision `.npz` ('/'-joined keys), atomically."""
-  flat = {k: np.asarray(v) for k, v in flatten(params).items()}
+  """Writes params as a big_vision `.npz` ('/'-joined keys), atomically.
+
+  Scanned encoders (`vit.Model(scan=True)`) are written with big_vision's per-layer
+  names, so every file this code writes loads in big_vision and vice versa.
+  """
+  flat = {k: np.asarray(v) for k, v in flatten(vit.scan_to_layers(params)).items()}
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, suffix=".npz.tmp")
@@ -202,8 +207,8 @@ def load_into(init_params, loaded, dont_load=(), posemb_hw=None):
   `embedding/kernel` and resizes `pos_embedding` when sizes differ. Raises a
   ValueError naming missing or mis-shaped parameters; unexpected ones are logged.
   """
-  init_flat = flatten(init_params)
-  loaded_flat = fix_old_layouts(flatten(loaded))
+  init_flat = flatten(vit.scan_to_layers(init_params))
+  loaded_flat = fix_old_layouts(flatten(vit.scan_to_layers(loaded)))
   skip = [re.compile(p) for p in dont_load]
   merged, missing, bad_shape = {}, [], []
   for name, init_value in init_flat.items():
@@ -229,4 +234,4 @@ def load_into(init_params, loaded, dont_load=(), posemb_hw=None):
   unexpected = sorted(set(loaded_flat) - set(init_flat))
   if unexpected:
     log.warning("ignoring checkpoint parameters the model does not have: %s", unexpected)
-  return unflatten(merged)
+  return vit.match_layout(unflatten(merged), init_params)

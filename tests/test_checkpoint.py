@@ -100,3 +100,20 @@ def test_released_names(monkeypatch, tmp_path, params):
     checkpoint.load_params("FlexiViT-B i1k")
   checkpoint.save_params(params, str(tmp_path / entry.file))
   assert "embedding" in checkpoint.load_params("FlexiViT-B i1k")
+
+
+def test_scanned_model_saves_and_loads_big_vision_layer_names(tmp_path):
+  scanned_model = vit.Model(10, scan=True, **{**TINY, "depth": 2})
+  scanned = _init(scanned_model)
+  path = str(tmp_path / "scanned.npz")
+  checkpoint.save_params(scanned, path)
+  with np.load(path, allow_pickle=False) as data:
+    assert "Transformer/encoderblock_1/MlpBlock_0/Dense_0/kernel" in data.files
+    assert not any(k.startswith("Transformer/encoderblock/") for k in data.files)
+  per_layer = _init(vit.Model(10, **{**TINY, "depth": 2}))
+  merged = checkpoint.load_into(per_layer, checkpoint.load_params(path))
+  np.testing.assert_array_equal(
+      merged["Transformer"]["encoderblock_1"]["LayerNorm_0"]["scale"],
+      scanned["Transformer"]["encoderblock"]["LayerNorm_0"]["scale"][1])
+  back = checkpoint.load_into(scanned, merged)  # Per-layer file into a scanned model.
+  jax.tree.map(np.testing.assert_array_equal, back, scanned)
