@@ -107,8 +107,7 @@ def _runlocal(c, a):
   bs = 100 if not a.smoke else 8
   c.evals = dict(
       retrieval=dict(type="retrieval", data=dict(name=data, split=split),
-                     pp_fn=f'{eval_img}|{tok[:-1]}, sample_if_multi=False)|'
-                           'keep("image", "labels")',
+                     pp_fn=f'{eval_img}|choice(mode="first")|{tok}|keep("image", "labels")',
                      preds=preds, batch_size=bs, log_percent=100),
       zeroshot=dict(type="zeroshot", data=dict(name=data, split=split),
                     pp_fn=f'{eval_img}|keep("image", "label")', pp_txt=tok,

@@ -97,8 +97,34 @@ def make_trainer(config) -> train_loop.Trainer:
                             frozen=["img/.*"] if lock else [], schema=schema())
 
 
+def results_table(eval_metrics) -> str:
+  """Markdown: one row per patch size, columns = retrieval recalls and zero-shot acc."""
+  rows, cols = {}, []
+  for key, value in eval_metrics.items():
+    parts = key.split("/")
+    if len(parts) != 3 or not parts[1].startswith(("patch_size=", "seqhw=")):
+      continue
+    col = f"{parts[0]} {parts[2]}"
+    kind, v = parts[1].split("=")
+    rows.setdefault((kind, int(v)), {})[col] = value
+    if col not in cols:
+      cols.append(col)
+  if not rows:
+    return ""
+  kind = next(iter(rows))[0]
+  lines = [f"| {kind} | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+  for (_, v), vals in sorted(rows.items(), key=lambda kv: -kv[0][1]):
+    lines.append(f"| {v} | " + " | ".join(
+        f"{100 * vals[c]:.1f}" if c in vals else "" for c in cols) + " |")
+  return "\n".join(lines)
+
+
 def main(argv=None):
-  return cli.main(make_trainer, sys.argv[1:] if argv is None else argv, schema=schema())
+  result = cli.main(make_trainer, sys.argv[1:] if argv is None else argv, schema=schema())
+  table = results_table(result.eval_metrics)
+  if table and jax.process_index() == 0:
+    print(table)
+  return result
 
 
 if __name__ == "__main__":
