@@ -14,7 +14,8 @@ from flexi import config as config_lib
 
 def get_config(arg=None):
   a = config_lib.parse_arg(arg, runlocal=False, res=96, steps=1500, batch=64, fixed=0,
-                           width=64, depth=2, data="fine_shapes/96")
+                           width=64, depth=2, heads=4, pool="gap", lr=2e-3,
+                           data="fine_shapes/96")
   c = ml_collections.ConfigDict()
   c.arg = a.to_dict()
   res = a.res if not a.runlocal else 32
@@ -28,14 +29,15 @@ def get_config(arg=None):
                  shuffle_buffer_size=2_000, cache_raw=True, prefetch=4)
   pp_common = (f'|value_range(-1, 1)|onehot({c.num_classes}, key="label", key_result="labels")'
                '|keep("image", "labels")')
-  c.input.pp = f"decode|resize({res})|flip_lr" + pp_common
+  # No flip_lr: the class is the mark's position (left/right would swap).
+  c.input.pp = f"decode|resize({res})" + pp_common
   pp_eval = f"decode|resize({res})" + pp_common
 
   c.log_training_steps = 50 if not a.runlocal else 1
   c.ckpt_steps = 500 if not a.runlocal else 2
 
-  c.model = dict(width=a.width, depth=a.depth, mlp_dim=4 * a.width, num_heads=4,
-                 pool_type="gap", posemb="learn", patch_size=(32, 32), posemb_size=(7, 7))
+  c.model = dict(width=a.width, depth=a.depth, mlp_dim=4 * a.width, num_heads=a.heads,
+                 pool_type=a.pool, posemb="learn", patch_size=(32, 32), posemb_size=(7, 7))
   sizes = [p for p in (48, 32, 24, 16, 12, 8) if res % p == 0] if not a.runlocal else [16, 8]
   if a.fixed:
     c.model.patch_size = (a.fixed, a.fixed)
@@ -46,7 +48,7 @@ def get_config(arg=None):
 
   c.optax_name = "scale_by_adam"
   c.grad_clip_norm = 1.0
-  c.lr = 2e-3
+  c.lr = a.lr
   c.wd = 1e-4
   c.schedule = dict(warmup_steps=100 if not a.runlocal else 1, decay_type="cosine")
 

@@ -185,6 +185,8 @@ def _coerce(default, raw: str, key: str):
     if default is None:
       return raw  # Undeclared type: keep the string.
     raise ConfigError(f"config key {key!r}: cannot parse {raw!r} as {type(default).__name__}")
+  if value is None:
+    return None
   if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
     return float(value)
   if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):

@@ -17,7 +17,7 @@ def _to_py(v):
 class MetricWriter:
   """One JSON line per `write` and TensorBoard scalars; no-op on processes != 0."""
 
-  def __init__(self, workdir, *, enabled=None, tensorboard=True, stream=sys.stdout):
+  def __init__(self, workdir, *, enabled=None, tensorboard=True, stream=None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.stream = stream
     self._json = self._tb = None
@@ -43,7 +43,7 @@ class MetricWriter:
 
   def info(self, msg: str):
     if self.enabled:
-      print(msg, file=self.stream, flush=True)
+      print(msg, file=self.stream or sys.stdout, flush=True)
 
   def close(self):
     if self._json:
@@ -66,6 +66,10 @@ class Progress:
     self.total, self.batch = total_steps, batch_size
     self.t0, self.s0 = time.perf_counter(), start_step
     self.t_last, self.s_last = self.t0, start_step
+
+  def reset(self, step: int):
+    """Restart the rate window (after evals/checkpoints, so they do not count)."""
+    self.t_last, self.s_last = time.perf_counter(), step
 
   def tick(self, step: int) -> dict:
     now = time.perf_counter()

@@ -43,6 +43,8 @@ def jit_step(step_fn, mesh, p_sh, o_sh, consts):
 def compile_all(build, sampler, params, opt_state, consts, batch_spec, mesh, p_sh, o_sh,
                 compiler_options=None):
   """AOT-compiles the step for every configured value. Returns ({v: compiled}, {v: sec})."""
+  if sampler is None:
+    return {}, {}
   args = (_abstract(params, p_sh), _abstract(opt_state, o_sh),
           None if consts is None else _abstract(consts, jax.tree.map(lambda x: x.sharding,
                                                                        consts)),

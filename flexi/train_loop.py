@@ -33,6 +33,8 @@ class Trainer:
       same rules, not optimised, not checkpointed.
   frozen: regexes of param names with zero updates and no optimizer state.
   schema: the config schema (base + trainer-specific keys).
+  extra_predict_fns: {name: fn(variables, batch)} added to the evaluators' predict fns
+      (e.g. a distillation teacher's "predict_teacher").
   """
   init_params: Callable
   loss_fn: Callable
@@ -41,6 +43,7 @@ class Trainer:
   make_consts: Optional[Callable] = None
   frozen: Sequence[str] = ()
   schema: config_lib.Schema = dataclasses.field(default_factory=config_lib.base_schema)
+  extra_predict_fns: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
 
 
 class PredictFns(dict):
@@ -71,6 +74,14 @@ class PredictFns(dict):
       return True
     except KeyError:
       return False
+
+
+def make_predict_fns(trainer: Trainer, sampler) -> dict:
+  """The evaluators' predict fns: one per configured value, plus the trainer's extras."""
+  fns = PredictFns(trainer.predict_fn, sampler.kind, sampler.values) \
+      if trainer.predict_fn else {}
+  fns.update(trainer.extra_predict_fns or {})
+  return fns
 
 
 @dataclasses.dataclass
@@ -205,14 +216,13 @@ def _run(config, workdir, trainer, data, dur, sampler, mesh, batch_axes, shard, 
               f"{total} steps from {start}; {sampler.kind} in {sampler.values}")
   step_fn = steps.make_train_step(trainer, tx, lr_fn, seed=config.seed)
   compiled, compile_secs = steps.compile_all(
-      step_fn, sampler, params, opt_state, consts, batch_spec, mesh, p_sh, o_sh,
-      dict(config.xla_compiler_options))
+      step_fn, sampler if start < total else None, params, opt_state, consts, batch_spec,
+      mesh, p_sh, o_sh, dict(config.xla_compiler_options))
   for v, sec in compile_secs.items():
     writer.info(f"compiled {sampler.kind}={v} in {sec:.2f}s")
   writer.write(start, {f"compile_sec/{sampler.kind}={v}": s for v, s in compile_secs.items()})
 
-  predict_fns = PredictFns(trainer.predict_fn, sampler.kind, sampler.values) \
-      if trainer.predict_fn else {}
+  predict_fns = make_predict_fns(trainer, sampler)
   ctx = evaluators_lib.EvalContext(mesh, batch_axes, config.input.batch_size, workdir)
   evals = evaluators_lib.build_evaluators(
       config.evals, predict_fns, ctx, batch_size=config.input.batch_size,
@@ -252,6 +262,8 @@ def _run(config, workdir, trainer, data, dur, sampler, mesh, batch_axes, shard, 
         results[f"{ev.name}/eval_sec"] = time.perf_counter() - t0
         writer.write(done, results)
         eval_metrics.update(results)
+    if variables is not None or _due(done, dur["ckpt"], total):
+      progress.reset(done)
   guard.check()
   ckpt.wait()
   return TrainResult(params, opt_state, max(total, start), last_metrics, eval_metrics,

@@ -164,3 +164,15 @@ def test_two_processes_match_one(tmp_path, cache_dir, full_run):
       continue
     # Same global batch, same math; only the cross-process reduction order differs.
     np.testing.assert_allclose(got[name], x, rtol=0, atol=4e-6, err_msg=name)
+
+
+def test_model_init_from_workdir_with_dont_load(full_run, cache_dir):
+  workdir, full = full_run
+  config = tiny_setup.tiny_config(model_init=str(workdir),
+                                  model_load={"dont_load": ["head/.*"]})
+  fresh = train.make_model(config).init(jax.random.PRNGKey(9),
+                                        np.zeros((1, 32, 32, 3), np.float32))["params"]
+  loaded = train_loop.default_load_pretrained(fresh, config)
+  trained = _host(full.params)
+  np.testing.assert_array_equal(loaded["embedding"]["kernel"], trained["embedding"]["kernel"])
+  np.testing.assert_array_equal(loaded["head"]["kernel"], np.asarray(fresh["head"]["kernel"]))
