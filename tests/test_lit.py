@@ -294,3 +294,30 @@ def test_sentencepiece_round_trip(tmp_path):
   ids = _pp_tokens(f'tokenize(max_len=32, model="{prefix}.model", eos="sticky", '
                    'pad_value=1, inkey="texts")', caption)
   assert ids[-1] == 1 and tok.decode(ids) == caption
+
+
+# ------------------------------------------------------------------ end to end.
+
+def test_cli_smoke_end_to_end(tmp_path, capsys):
+  """`python -m trainers.lit` on the offline captions, image tower from a workdir."""
+  from flexi import ckpt_manager, vit  # pylint: disable=import-outside-toplevel
+  config = config_lib.load("configs/flexilit_b.py:smoke", schema=lit.schema())
+  img_model = vit.Model(10, **config.model.image.to_dict())
+  img = jax.jit(img_model.init)(jax.random.PRNGKey(3), jnp.zeros((1, 96, 96, 3)))["params"]
+  mngr = ckpt_manager.CheckpointManager(str(tmp_path / "demo"), async_save=False)
+  mngr.save(5, img, {"count": np.zeros(1)}, {"step": 5})
+  mngr.close()
+  preds = '["predict_patch_size=48", "predict_patch_size=32"]'
+  result = lit.main([
+      "--config", f"configs/flexilit_b.py:smoke,img_workdir={tmp_path}/demo,steps=2",
+      "--workdir", str(tmp_path / "lit"), "--config.flexi.patch_size.v=[48]",
+      f"--config.evals.retrieval.preds={preds}", f"--config.evals.zeroshot.preds={preds}",
+      "--config.compilation_cache_dir="])
+  np.testing.assert_array_equal(  # Locked image tower: still the workdir's weights.
+      np.asarray(result.params["img"]["embedding"]["kernel"]), img["embedding"]["kernel"])
+  for size in (48, 32):
+    for metric in ("retrieval/patch_size={}/i2t@1", "retrieval/patch_size={}/t2i@10",
+                   "zeroshot/patch_size={}/acc"):
+      assert 0.0 <= result.eval_metrics[metric.format(size)] <= 1.0
+  out = capsys.readouterr().out
+  assert "| patch_size | retrieval i2t@1" in out and "| 32 |" in out
