@@ -164,8 +164,8 @@ class Evaluator:
     ds, _ = input_pipeline.build_eval_dataset(
         self.data, self.pp_fn, self.batch_size,
         process_index=jax.process_index(), process_count=jax.process_count())
-    for b in ds:
-      yield {k: np.asarray(v) for k, v in b.items() if np.asarray(v).dtype != object}
+    for b in ds.as_numpy_iterator():
+      yield {k: v for k, v in b.items() if np.asarray(v).dtype != object}
 
   def _compile(self, variables, batch):
     """AOT-compiles every step on the first batch; GFLOPs from the predict fns."""
