@@ -13,7 +13,6 @@ and OUT/eval_results.json (OUT = --out or --workdir); evaluators such as the swe
 write their own files there too.
 """
 import argparse
-import contextlib
 import importlib
 import json
 import os
@@ -85,6 +84,15 @@ def load_params(config, trainer, mesh, *, workdir=None, checkpoint_path=None, st
   return checkpoint.load_into(init, loaded, dont_load=dont_load), checkpoint_path
 
 
+def _predict_fns(trainer, sampler):
+  """The loop's predict fns (per configured patch size, plus a trainer's extras)."""
+  if hasattr(train_loop, "make_predict_fns"):
+    return train_loop.make_predict_fns(trainer, sampler)
+  fns = train_loop.PredictFns(trainer.predict_fn, sampler.kind, sampler.values)
+  fns.update(getattr(trainer, "extra_predict_fns", None) or {})
+  return fns
+
+
 def select_evals(evals_cfg, names):
   """config.evals restricted to `names` (all if None), cadence keys dropped."""
   evals_cfg = dict(evals_cfg or {})
@@ -121,18 +129,15 @@ def evaluate(config, trainer_mod, *, workdir=None, checkpoint_path=None, step=No
   sampler = patch_sampler.from_config(config.flexi, total_steps=1, seed=config.seed)
   out = out or workdir
   ctx = evaluators_lib.EvalContext(mesh, batch_axes, config.input.batch_size, out)
-  extra = getattr(trainer_mod, "extra_predict_fns", None)
-  with (extra(trainer) if extra else contextlib.nullcontext()):
-    predict_fns = train_loop.PredictFns(trainer.predict_fn, sampler.kind, sampler.values)
-    predict_fns.update(getattr(trainer, "extra_predict_fns", None) or {})
-    evals = evaluators_lib.build_evaluators(evals_cfg, predict_fns, ctx,
-                                            batch_size=config.input.batch_size)
-    variables = {"params": params, **(consts or {})}
-    results = {}
-    for ev in evals:
-      t0 = time.perf_counter()
-      results.update(ev.run(variables))
-      results[f"{ev.name}/eval_sec"] = time.perf_counter() - t0
+  predict_fns = _predict_fns(trainer, sampler)
+  evals = evaluators_lib.build_evaluators(evals_cfg, predict_fns, ctx,
+                                          batch_size=config.input.batch_size)
+  variables = {"params": params, **(consts or {})}
+  results = {}
+  for ev in evals:
+    t0 = time.perf_counter()
+    results.update(ev.run(variables))
+    results[f"{ev.name}/eval_sec"] = time.perf_counter() - t0
   if out and jax.process_index() == 0:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "eval_results.json"), "w") as f:

@@ -6,6 +6,8 @@ accuracy/compute curve. Input: the JSON the sweep evaluator writes
 
     python -m flexi.budget /tmp/demo/sweep.json --gflops 0.05
     python -m flexi.budget /tmp/demo/sweep.json --ms 2.5 --metric real@1
+    python -m flexi.budget /tmp/demo/sweep.json --ms 2.5 --timing /tmp/demo/timing.json \
+        --batch 1   # latency from the timing evaluator instead of the sweep's own
 """
 import argparse
 import json
@@ -29,6 +31,24 @@ def load_rows(path):
   if not isinstance(rows, list) or not rows:
     raise ValueError(f"{path} has no sweep rows (expected {{'rows': [...]}})")
   return rows
+
+
+def with_timing(rows, timing_rows, batch_size=None):
+  """Sweep rows with ms_per_img taken from the timing evaluator's rows at one batch size.
+
+  The sweep's own images/s is measured inside an eval pass; the timing evaluator's
+  median latency is the better number for a latency budget.
+  """
+  sizes = sorted({int(t["batch_size"]) for t in timing_rows})
+  batch_size = int(batch_size) if batch_size else sizes[-1]
+  if batch_size not in sizes:
+    raise ValueError(f"timing JSON has no batch size {batch_size}; it has {sizes}")
+  ms = {int(t["patch_size"]): t["ms_per_img"] for t in timing_rows
+        if int(t["batch_size"]) == batch_size}
+  missing = [r["patch_size"] for r in rows if int(r["patch_size"]) not in ms]
+  if missing:
+    raise ValueError(f"timing JSON lacks patch size(s) {missing} at batch {batch_size}")
+  return [dict(r, ms_per_img=ms[int(r["patch_size"])]) for r in rows]
 
 
 def _check(rows, metric, cost):
@@ -82,10 +102,14 @@ def main(argv=None):
   g.add_argument("--gflops", type=float, help="Budget in GFLOPs per image.")
   g.add_argument("--ms", type=float, help="Budget in milliseconds per image.")
   p.add_argument("--metric", default="prec@1", help="Accuracy key (prec@1, real@1).")
+  p.add_argument("--timing", default=None, help="Timing-evaluator JSON for --ms latencies.")
+  p.add_argument("--batch", type=int, default=None, help="Its batch size (default largest).")
   args = p.parse_args(argv)
   cost, value = ("gflops", args.gflops) if args.gflops is not None else ("ms_per_img", args.ms)
   try:
     rows = load_rows(args.sweep_json)
+    if args.timing:
+      rows = with_timing(rows, load_rows(args.timing), args.batch)
     best = pick(rows, value, cost, args.metric)
     print(choices_table(rows, cost, args.metric, value))
   except (ValueError, FileNotFoundError) as e:

@@ -181,6 +181,15 @@ def test_budget_cli(tmp_path, capsys):
   assert "no patch size fits" in capsys.readouterr().out
   assert budget.main([str(tmp_path / "missing.json"), "--ms", "1"]) == 2
   assert "not found" in capsys.readouterr().err
+  timing_rows = [dict(patch_size=r["patch_size"], batch_size=b, ms_per_img=r["ms_per_img"] / b)
+                 for r in HAND_MADE for b in (1, 4)]
+  (tmp_path / "timing.json").write_text(json.dumps({"rows": timing_rows}))
+  assert budget.main([str(path), "--ms", "1.0", "--timing", str(tmp_path / "timing.json"),
+                      "--batch", "4"]) == 0
+  assert "choose patch size 16" in capsys.readouterr().out  # 4.0 / 4 = 1.0 ms.
+  assert budget.main([str(path), "--ms", "1.0", "--timing", str(tmp_path / "timing.json"),
+                      "--batch", "2"]) == 2
+  assert "no batch size 2" in capsys.readouterr().err
   (tmp_path / "bad.json").write_text("{")
   assert budget.main([str(tmp_path / "bad.json"), "--ms", "1"]) == 2
   assert "not valid JSON" in capsys.readouterr().err
