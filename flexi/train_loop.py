@@ -6,6 +6,7 @@ mesh + shardings, init or resume, one AOT-compiled step per patch size, the loop
 NaN checks, checkpoints, logging and evaluators.
 """
 import dataclasses
+import itertools
 import os
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -198,8 +199,11 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer, *,
 
 def _run(config, workdir, trainer, data, dur, sampler, mesh, batch_axes, shard, ckpt, writer):
   total = dur["total"]
-  # Peek at the first batch only for shapes: the iterator is re-made at the start step.
-  batch_spec = data_source.global_spec(next(data.make_iter(0)), mesh, batch_axes)
+  # The data iterator starts where the checkpoint (if any) left off; its first batch
+  # gives the shapes and is then put back in front.
+  local_iter = data.make_iter(ckpt.latest_step() or 0)
+  first = next(local_iter)
+  batch_spec = data_source.global_spec(first, mesh, batch_axes)
   if batch_spec[next(iter(batch_spec))].shape[0] != config.input.batch_size:
     raise ValueError(f"data gives global batches of {batch_spec[next(iter(batch_spec))].shape[0]}"
                      f", config.input.batch_size is {config.input.batch_size}")
@@ -230,7 +234,7 @@ def _run(config, workdir, trainer, data, dur, sampler, mesh, batch_axes, shard, 
 
   guard, progress = _FiniteGuard(), logging_utils.Progress(total, config.input.batch_size, start)
   image_hw = batch_spec["image"].shape[1:3] if "image" in batch_spec else None
-  batches = data_source.global_iter(data.make_iter(start), mesh, batch_axes)
+  batches = data_source.global_iter(itertools.chain([first], local_iter), mesh, batch_axes)
   last_metrics, eval_metrics = {}, {}
   for step in range(start, total):
     value = sampler.sample(step)
