@@ -26,8 +26,9 @@ class OfflineConfig(tfds.core.BuilderConfig):
 
 class _OfflineBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Shared split logic; subclasses define `_info` and `_example`."""
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("2.1.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release.", "2.0.0": "fine_shapes: texture classes, PNG.",
+                   "2.1.0": "fine_shapes: texture fills the background."}
   # Set explicitly: TFDS's own lookup needs the optional `importlib_resources`.
   code_path = epath.Path(__file__)
 
@@ -51,7 +52,7 @@ def _configs(sizes):
 
 
 class FineShapes(_OfflineBuilder):
-  """Classification whose label is a few-pixel detail (position of a mark)."""
+  """Classification whose label is a few-pixel detail (a texture's pattern and scale)."""
   BUILDER_CONFIGS = _configs([("240", 240, 5000, 1000), ("96", 96, 5000, 1000),
                               ("64", 64, 3000, 500), ("tiny", 32, 160, 50)])
 
@@ -60,14 +61,15 @@ class FineShapes(_OfflineBuilder):
     return self.dataset_info_from_configs(
         description=__doc__,
         features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(s, s, 3), encoding_format="jpeg"),
+            # PNG: JPEG would blur the few-pixel textures the labels depend on.
+            "image": tfds.features.Image(shape=(s, s, 3), encoding_format="png"),
             "label": tfds.features.ClassLabel(names=draw.FINE_CLASSES)}),
         supervised_keys=("image", "label"))
 
   def _example(self, seed, i):
     label = i % len(draw.FINE_CLASSES)
     img = draw.fine_shapes_example(seed, self.builder_config.size, label)
-    return {"image": draw.encode(img, "jpeg"), "label": label}
+    return {"image": draw.encode(img, "png"), "label": label}
 
 
 class ShapeCaptions(_OfflineBuilder):

@@ -10,7 +10,7 @@ def _missing(op, key, data):
   return ValueError(f"pp op '{op}': key {key!r} not in the example (keys: {visible})")
 
 
-def get_onehot(depth, key="label", key_result=None, multi=True, on=1.0, off=0.0):
+def get_onehot(depth, key="labels", key_result=None, multi=True, on=1.0, off=0.0):
   """One-hot (or multi-hot for a vector of labels, if `multi`) float32 labels."""
   def _onehot(data):
     if key not in data:

@@ -233,7 +233,8 @@ def test_onehot():
   out = run('onehot(4, key="label", key_result="labels", on=0.9, off=0.1)', label=np.int64(2))
   np.testing.assert_allclose(out["labels"], [0.1, 0.1, 0.9, 0.1])
   assert out["label"] == 2
-  multi = run("onehot(5)", label=np.array([0, 3, 3], np.int64))["label"]
+  # big_vision's default key is "labels", one-hot in place; a vector is multi-hot.
+  multi = run("onehot(5)", labels=np.array([0, 3, 3], np.int64))["labels"]
   np.testing.assert_allclose(multi, [1, 0, 0, 1, 0])
 
 
