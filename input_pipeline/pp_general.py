@@ -68,6 +68,23 @@ def get_rename(**pairs):
   return _rename
 
 
+def get_flatten(sep="/"):
+  """Nested feature dicts -> flat keys: {"captions": {"text": t}} -> {"captions/text": t}.
+
+  TFDS datasets such as coco_captions nest features; flat keys let every other op
+  (which takes a single key) reach them.
+  """
+  def _flatten(data, prefix=""):
+    out = {}
+    for key, value in data.items():
+      if isinstance(value, dict):
+        out.update(_flatten(value, f"{prefix}{key}{sep}"))
+      else:
+        out[f"{prefix}{key}"] = value
+    return out
+  return _flatten
+
+
 @in_key_out_key(indefault="texts", outdefault="texts", random=True)
 def get_choice(mode="random"):
   """Picks one element of a 1-D tensor (e.g. one caption of several).

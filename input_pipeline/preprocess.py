@@ -27,6 +27,7 @@ OPS = {
     "drop": pp_general.get_drop,
     "copy": pp_general.get_copy,
     "rename": pp_general.get_rename,
+    "flatten": pp_general.get_flatten,
     # Text (flexi-LiT).
     "choice": pp_general.get_choice,
     "tokenize": text.get_tokenize,

@@ -296,3 +296,11 @@ def test_sentencepiece_round_trip(tmp_path):
   ids = run(f'tokenize(24, eos="yes", model="{model}")', texts="A Green Triangle")["labels"]
   assert ids.shape == (24,) and ids[-1] == 0 and tok.eos_id in ids
   assert tok.decode(ids) == "a green triangle"
+
+
+def test_flatten_nested_features():
+  fn = get_preprocess_fn('flatten|choice("first", inkey="captions/text", outkey="texts")')
+  out = fn({"image": tf.zeros((2, 2, 3), tf.uint8),
+            "captions": {"text": tf.constant(["a cat", "a dog"]), "id": tf.constant([1, 2])}})
+  assert set(out) >= {"image", "captions/text", "captions/id", "texts"}
+  assert out["texts"].numpy() == b"a cat"
