@@ -228,6 +228,10 @@ def test_realistic_config_builds():
   assert model.image["variant"] == "B" and len(config.flexi.patch_size.v) == 10
   fixed = config_lib.load("configs/flexilit_b.py:fixed=30", schema=lit.schema())
   assert list(fixed.flexi.patch_size.v) == [30]
+  from input_pipeline import preprocess  # pylint: disable=import-outside-toplevel
+  for pp in (config.input.pp, config.evals.coco.pp_fn, config.evals.cifar100.pp_txt):
+    for op, _, _ in preprocess.parse(pp):  # Every op exists (building needs the .model).
+      assert op in preprocess.OPS, op
 
 
 # --------------------------------------------------------------- evaluators.
