@@ -50,7 +50,8 @@ class EvalContext:
 
 
 # Modules whose evaluators are registered on first lookup (add new ones here).
-BUILTIN_MODULES = ["evaluators.classification"]
+BUILTIN_MODULES = ["evaluators.classification", "evaluators.sweep", "evaluators.timing",
+                   "evaluators.distance", "evaluators.retrieval"]
 
 
 def _lookup(name: str):
