@@ -1,4 +1,6 @@
 """The jitted train step (one per patch size) and its ahead-of-time compilation."""
+import concurrent.futures
+import os
 import time
 
 import jax
@@ -49,10 +51,24 @@ def compile_all(build, sampler, params, opt_state, consts, batch_spec, mesh, p_s
           None if consts is None else _abstract(consts, jax.tree.map(lambda x: x.sharding,
                                                                        consts)),
           batch_spec, jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh)))
-  compiled, secs = {}, {}
+  # Trace/lower one after another (Python, holds the GIL), then let XLA compile all
+  # sizes at once on a thread pool: XLA releases the GIL, so on a many-core host the
+  # time until every size is ready is close to the slowest single compile.
+  lowered, secs = {}, {}
   for value in sampler.values:
     t0 = time.perf_counter()
-    fn = jit_step(build(sampler.kwargs(value)), mesh, p_sh, o_sh, consts)
-    compiled[value] = fn.lower(*args).compile(compiler_options=compiler_options or None)
+    lowered[value] = jit_step(build(sampler.kwargs(value)), mesh, p_sh, o_sh, consts).lower(
+        *args)
     secs[value] = time.perf_counter() - t0
+
+  def timed_compile(value):
+    t0 = time.perf_counter()
+    out = lowered[value].compile(compiler_options=compiler_options or None)
+    return out, time.perf_counter() - t0
+
+  workers = max(1, min(len(lowered), os.cpu_count() or 1))
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    results = dict(zip(lowered, pool.map(timed_compile, lowered)))
+  compiled = {v: fn for v, (fn, _) in results.items()}
+  secs = {v: secs[v] + sec for v, (_, sec) in results.items()}
   return compiled, secs

@@ -219,11 +219,15 @@ def _run(config, workdir, trainer, data, dur, sampler, mesh, batch_axes, shard, 
   writer.info(f"{optim.count_params(params):,} params; mesh {dict(mesh.shape)}; "
               f"{total} steps from {start}; {sampler.kind} in {sampler.values}")
   step_fn = steps.make_train_step(trainer, tx, lr_fn, seed=config.seed)
+  t0 = time.perf_counter()
   compiled, compile_secs = steps.compile_all(
       step_fn, sampler if start < total else None, params, opt_state, consts, batch_spec,
       mesh, p_sh, o_sh, dict(config.xla_compiler_options))
   for v, sec in compile_secs.items():
     writer.info(f"compiled {sampler.kind}={v} in {sec:.2f}s")
+  if compile_secs:
+    writer.info(f"all {len(compile_secs)} step functions ready in "
+                f"{time.perf_counter() - t0:.1f}s (compiled in parallel)")
   writer.write(start, {f"compile_sec/{sampler.kind}={v}": s for v, s in compile_secs.items()})
 
   predict_fns = make_predict_fns(trainer, sampler)
