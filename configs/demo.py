@@ -29,8 +29,9 @@ def get_config(arg=None):
                  shuffle_buffer_size=2_000, cache_raw=True, prefetch=4)
   pp_common = (f'|value_range(-1, 1)|onehot({c.num_classes}, key="label", key_result="labels")'
                '|keep("image", "labels")')
-  # No flip_lr: the class is the mark's position (left/right would swap).
-  c.input.pp = f"decode|resize({res})" + pp_common
+  # fine_shapes classes are invariant to a left-right flip (a mirrored diagonal is
+  # still "diagonal"), so flip_lr is a free augmentation.
+  c.input.pp = f"decode|flip_lr|resize({res})" + pp_common
   pp_eval = f"decode|resize({res})" + pp_common
 
   c.log_training_steps = 50 if not a.runlocal else 1
