@@ -1,0 +1,405 @@
+"""Speed, compile-time and memory ratios: this codebase vs the reference formulation.
+
+Every ratio is measured in ONE process (the cache restart in fresh subprocesses),
+reference and ours interleaved, because the machine is shared and absolute times
+drift. Run from the repo root:
+
+  python -m benchmarks.perf                 # all sections (~20 min on 2 busy cores)
+  python -m benchmarks.perf --quick         # batch 4, 1 timed step, fewer sizes
+  python -m benchmarks.perf --sections resize,memory --json /tmp/perf.json
+
+Sections: resize (PI-resize setup), step (train-step img/s, FLOP/s vs matmul peak,
+time until all patch sizes are compiled), compile (scan vs loop), cache (persistent
+compilation cache restart), memory (ViT-B/8 teacher + FlexiViT-B distillation step).
+"""
+import argparse
+import concurrent.futures
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from benchmarks import reference
+from flexi import resize, vit
+
+PATCHES = (48, 40, 30, 24, 20, 16, 15, 12, 10, 8)
+RES = 240
+OURS = dict(attention="auto")  # The library options the speed numbers use.
+RESULTS = {}  # name -> dict, collected for --json and the summary.
+
+
+def log(*args):
+  print(*args, flush=True)
+
+
+def best_of(fn, reps):
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return min(times)
+
+
+def machine():
+  cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+              if line.startswith("model name")), platform.processor())
+  return dict(nproc=os.cpu_count(), cpu=cpu, jax=jax.__version__,
+              backend=jax.default_backend(), devices=jax.device_count(),
+              load_avg=os.getloadavg()[0])
+
+
+# --- Practical limit: a large matmul. ---------------------------------------------
+
+def matmul_peak(dtype, n=2048, reps=3):
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x: x @ x)
+  jax.block_until_ready(f(a))
+  return 2 * n ** 3 / best_of(lambda: f(a), reps)
+
+
+# --- PI-resize setup. -------------------------------------------------------------
+
+def warm_tf():
+  """Imports TF and runs one resize so its start-up is not billed to the reference."""
+  reference.dense_resize_matrix((2, 2), (3, 3))
+
+
+def section_resize(args):
+  warm_tf()
+  rows = []
+  for p in args.patches:
+    resize._pinv_transpose.cache_clear()  # pylint: disable=protected-access
+    resize._resize_matrix_cached.cache_clear()  # pylint: disable=protected-access
+    t0 = time.perf_counter()
+    mh, mw = resize._pinv_transpose(32, p), resize._pinv_transpose(32, p)  # pylint: disable=protected-access
+    ours_cold = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    resize._pinv_transpose(32, p)  # pylint: disable=protected-access
+    ours_cached = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    dense = reference.dense_pi_matrix((32, 32), (p, p))
+    ref = time.perf_counter() - t0
+    err = float(np.abs(np.kron(mh, mw) - dense).max())
+    rows.append(dict(patch=p, ref_s=ref, ours_cold_s=ours_cold, ours_cached_s=ours_cached,
+                     ratio=ref / ours_cold, max_abs_diff=err))
+    log(f"resize p={p:2d}: dense {ref * 1e3:8.1f} ms  separable {ours_cold * 1e3:6.2f} ms "
+        f"(cached {ours_cached * 1e6:5.1f} us)  ratio {ref / ours_cold:7.0f}x  "
+        f"max|diff| {err:.1e}")
+  RESULTS["resize"] = dict(rows=rows, min_ratio=min(r["ratio"] for r in rows))
+
+
+# --- Train step. ------------------------------------------------------------------
+
+def _data(batch):
+  images = jax.random.normal(jax.random.PRNGKey(1), (batch, RES, RES, 3))
+  return images, jnp.arange(batch, dtype=jnp.int32) % 1000
+
+
+def _init_params(variant):
+  model = vit.Model(1000, variant=variant, pool_type="tok")
+  return jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, RES, RES, 3)))["params"]
+
+
+def compile_all(model, tx, params, opt_state, batch, patches, threads):
+  """AOT-compiles our step for every patch size; lowering serially, XLA in threads."""
+  step = jax.jit(reference.make_step(model, tx), static_argnums=(4,), donate_argnums=(0, 1))
+  t0 = time.perf_counter()
+  lowered = {p: step.lower(params, opt_state, *batch, (p, p)) for p in patches}
+  with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
+    futures = {p: pool.submit(low.compile) for p, low in lowered.items()}
+    compiled = {p: f.result() for p, f in futures.items()}
+  return compiled, time.perf_counter() - t0
+
+
+def model_flops(variant, tx, params, opt_state, batch, p):
+  """Model FLOPs of one train step: XLA cost analysis of the plain formulation.
+
+  (Loops, as in scan or blocked attention, are counted once by the analysis, so the
+  unrolled, flax-attention graph is the one to count.)
+  """
+  model = vit.Model(1000, variant=variant, pool_type="tok")
+  step = jax.jit(reference.make_step(model, tx), static_argnums=(4,))
+  return step.lower(params, opt_state, *batch, (p, p)).cost_analysis()["flops"]
+
+
+def section_step(args, variant):
+  tx = optax.sgd(0.1, momentum=0.9)
+  batch = _data(args.batch)
+  params = _init_params(variant)
+  ours_kw = dict(OURS, scan=args.scan)
+  ours_model = vit.Model(1000, variant=variant, pool_type="tok", **ours_kw)
+  ref_model = reference.Model(1000, variant=variant, pool_type="tok")
+  ours_params = vit.layers_to_scan(params) if args.scan else params
+  copy = lambda t: jax.tree.map(jnp.array, t)  # noqa: E731  (donation eats buffers)
+  ref_state = [copy(params), tx.init(params)]
+  ours_state = [copy(ours_params), tx.init(ours_params)]
+
+  warm_tf()
+  peak_before = matmul_peak(jnp.float32)
+  compiled, ours_compile = compile_all(ours_model, tx, ours_state[0], ours_state[1], batch,
+                                       args.patches, args.threads)
+  log(f"{variant}: ours compiled {len(args.patches)} sizes in {ours_compile:.1f}s "
+      f"({args.threads} threads, scan={args.scan})")
+  ref_step = reference.lazy_train_step(ref_model, tx)
+  rows = []
+  for p in args.patches:
+    t0 = time.perf_counter()
+    ref_state[0], ref_state[1], loss = ref_step(*ref_state, *batch, (p, p))
+    loss.block_until_ready()
+    ref_first = time.perf_counter() - t0
+    ours_state[0], ours_state[1], _ = jax.block_until_ready(compiled[p](*ours_state, *batch))
+    ref_t, ours_t = [], []
+    for _ in range(args.steps):  # Interleaved: both see the same machine load.
+      t0 = time.perf_counter()
+      ref_state[0], ref_state[1], _ = jax.block_until_ready(ref_step(*ref_state, *batch, (p, p)))
+      ref_t.append(time.perf_counter() - t0)
+      t0 = time.perf_counter()
+      ours_state[0], ours_state[1], _ = jax.block_until_ready(compiled[p](*ours_state, *batch))
+      ours_t.append(time.perf_counter() - t0)
+    row = dict(patch=p, ref_s=min(ref_t), ours_s=min(ours_t),
+               ref_compile_s=max(0.0, ref_first - min(ref_t)))
+    rows.append(row)
+    log(f"{variant} p={p:2d}: ref {row['ref_s'] * 1e3:8.0f} ms  ours {row['ours_s'] * 1e3:8.0f} ms"
+        f"  speedup {row['ref_s'] / row['ours_s']:.2f}x  (ref lazy compile "
+        f"{row['ref_compile_s']:.1f}s)")
+  peak = max(peak_before, matmul_peak(jnp.float32))
+  n = args.batch * len(rows)
+  ref_ips = n / sum(r["ref_s"] for r in rows)
+  ours_ips = n / sum(r["ours_s"] for r in rows)
+  out = dict(rows=rows, ref_img_s=ref_ips, ours_img_s=ours_ips, speedup=ours_ips / ref_ips,
+             mean_img_s_speedup=float(np.mean([r["ref_s"] / r["ours_s"] for r in rows])),
+             ours_compile_all_s=ours_compile,
+             ref_compile_all_s=sum(r["ref_compile_s"] for r in rows), fp32_peak=peak)
+  out["compile_ratio"] = out["ours_compile_all_s"] / out["ref_compile_all_s"]
+  by_p = {r["patch"]: r for r in rows}
+  for p in (16, 8):
+    if p in by_p:
+      flops = model_flops(variant, tx, params, ref_state[1], batch, p)
+      out[f"flops_p{p}"] = flops
+      out[f"flop_s_p{p}"] = flops / by_p[p]["ours_s"]
+      out[f"frac_peak_p{p}"] = flops / by_p[p]["ours_s"] / peak
+      out[f"ref_frac_peak_p{p}"] = flops / by_p[p]["ref_s"] / peak
+  log(f"{variant}: img/s uniform over {len(rows)} sizes: ref {ref_ips:.2f} ours {ours_ips:.2f}"
+      f" -> {out['speedup']:.2f}x; compile-all ours {ours_compile:.1f}s vs ref lazy "
+      f"{out['ref_compile_all_s']:.1f}s; fp32 matmul peak {peak / 1e9:.0f} GFLOP/s")
+  RESULTS[f"step_{variant}"] = out
+
+
+# --- Compile time: loop vs scan. ---------------------------------------------------
+
+def section_compile(args):
+  tx = optax.sgd(0.1, momentum=0.9)
+  batch = _data(args.batch)
+  params = _init_params("Ti")
+  rows = {}
+  for scan in (False, True):
+    for threads in sorted({1, args.threads}):
+      model = vit.Model(1000, variant="Ti", pool_type="tok", scan=scan, **OURS)
+      p_ = vit.layers_to_scan(params) if scan else params
+      jax.clear_caches()
+      _, secs = compile_all(model, tx, p_, tx.init(p_), batch, args.compile_patches, threads)
+      rows[f"scan={scan},threads={threads}"] = secs
+      log(f"compile Ti, {len(args.compile_patches)} sizes, scan={scan} threads={threads}: "
+          f"{secs:.1f}s")
+  RESULTS["compile"] = dict(patches=list(args.compile_patches), seconds=rows)
+
+
+# --- Persistent compilation cache: restart vs cold. --------------------------------
+
+def cache_child(args):
+  """Runs in a fresh process: compile all sizes with the persistent cache on."""
+  jax.config.update("jax_compilation_cache_dir", args.cache_dir)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  tx = optax.sgd(0.1, momentum=0.9)
+  params = _init_params(args.variants[0])
+  if args.scan:
+    params = vit.layers_to_scan(params)
+  model = vit.Model(1000, variant=args.variants[0], pool_type="tok", scan=args.scan, **OURS)
+  _, secs = compile_all(model, tx, params, tx.init(params), _data(args.batch), args.patches,
+                        args.threads)
+  print(json.dumps(dict(compile_s=secs)))
+
+
+def section_cache(args):
+  out = {}
+  with tempfile.TemporaryDirectory() as cache_dir:
+    for run in ("cold", "warm"):
+      cmd = [sys.executable, "-m", "benchmarks.perf", "--cache-child", "--cache-dir", cache_dir,
+             "--variants", args.variants[0], "--batch", str(args.batch),
+             "--threads", str(args.threads), "--patches", ",".join(map(str, args.patches))]
+      if args.scan:
+        cmd.append("--scan")
+      t0 = time.perf_counter()
+      proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+      wall = time.perf_counter() - t0
+      if proc.returncode:
+        raise RuntimeError(f"cache child failed: {proc.stderr[-2000:]}")
+      child = json.loads(proc.stdout.strip().splitlines()[-1])
+      out[run] = dict(compile_s=child["compile_s"], process_s=wall)
+      log(f"cache {run}: compile all {child['compile_s']:.1f}s, process {wall:.1f}s")
+  out["compile_ratio"] = out["warm"]["compile_s"] / out["cold"]["compile_s"]
+  out["process_ratio"] = out["warm"]["process_s"] / out["cold"]["process_s"]
+  RESULTS["cache"] = out
+
+
+# --- Peak memory of a distillation step. -------------------------------------------
+
+def _distill_step(teacher, student, tx, patch):
+  def step(t_params, s_params, opt_state, t_images, s_images):
+    t_logits, _ = teacher.apply({"params": t_params}, t_images)
+    t_logits = jax.lax.stop_gradient(t_logits)
+
+    def loss_fn(p):
+      s_logits, _ = student.apply({"params": p}, s_images, patch_size=patch, train=True)
+      kl = jax.nn.softmax(t_logits) * (jax.nn.log_softmax(t_logits)
+                                       - jax.nn.log_softmax(s_logits))
+      return kl.sum(-1).mean()
+    loss, grads = jax.value_and_grad(loss_fn)(s_params)
+    updates, opt_state = tx.update(grads, opt_state, s_params)
+    return optax.apply_updates(s_params, updates), opt_state, loss
+  return step
+
+
+def distill_memory(batch, patch, **student_kw):
+  teacher = vit.Model(1000, variant="B/8", posemb_size=28, pool_type="tok")
+  student = vit.Model(1000, variant="B", pool_type="tok", **student_kw)
+  tx = optax.adam(1e-3)
+  rng = jax.random.PRNGKey(0)
+  t_params = jax.eval_shape(teacher.init, rng, jnp.zeros((1, 224, 224, 3)))["params"]
+  s_params = jax.eval_shape(student.init, rng, jnp.zeros((1, RES, RES, 3)))["params"]
+  opt_state = jax.eval_shape(tx.init, s_params)
+  step = jax.jit(_distill_step(teacher, student, tx, (patch, patch)), donate_argnums=(1, 2))
+  compiled = step.lower(t_params, s_params, opt_state,
+                        jax.ShapeDtypeStruct((batch, 224, 224, 3), jnp.float32),
+                        jax.ShapeDtypeStruct((batch, RES, RES, 3), jnp.float32)).compile()
+  mem = compiled.memory_analysis()
+  peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+          - mem.alias_size_in_bytes)
+  return dict(peak_bytes=peak, temp_bytes=mem.temp_size_in_bytes,
+              argument_bytes=mem.argument_size_in_bytes)
+
+
+def section_memory(args):
+  rows = {}
+  configs = {"default": {}, "remat": dict(remat=True),
+             "auto-attention": dict(attention="auto"),
+             "remat+auto-attention": dict(remat=True, attention="auto")}
+  if not args.quick:
+    configs["scan+remat+auto-attention"] = dict(scan=True, remat=True, attention="auto")
+  for name, kw in configs.items():
+    rows[name] = distill_memory(args.mem_batch, 8, **kw)
+    log(f"memory B/8 teacher + FlexiViT-B/8 student, batch {args.mem_batch}, {name}: "
+        f"peak {rows[name]['peak_bytes'] / 2 ** 30:.2f} GiB "
+        f"(temp {rows[name]['temp_bytes'] / 2 ** 30:.2f} GiB)")
+  RESULTS["memory"] = dict(batch=args.mem_batch, patch=8, rows=rows,
+                           remat_ratio=rows["remat"]["peak_bytes"]
+                           / rows["default"]["peak_bytes"])
+
+
+# --- Summary. ----------------------------------------------------------------------
+
+def summary():
+  lines = ["| metric | value | target |", "|---|---|---|"]
+  for key, res in RESULTS.items():
+    if key.startswith("step_"):
+      v = key[5:]
+      lines.append(f"| {v}: train img/s, uniform over patch sizes, ours / reference | "
+                   f"{res['speedup']:.2f}x ({res['ours_img_s']:.2f} vs {res['ref_img_s']:.2f})"
+                   " | >= 1.5x |")
+      lines.append(f"| {v}: time until all sizes compiled, ours / reference lazy | "
+                   f"{res['compile_ratio']:.2f} ({res['ours_compile_all_s']:.0f}s vs "
+                   f"{res['ref_compile_all_s']:.0f}s) | <= 0.5 |")
+      for p, target in ((16, 0.6), (8, 0.5)):
+        if f"frac_peak_p{p}" in res:
+          lines.append(f"| {v}/{p}: train-step FLOP/s / fp32 matmul peak (reference) | "
+                       f"{res[f'frac_peak_p{p}']:.0%} ({res[f'flop_s_p{p}'] / 1e9:.0f} of "
+                       f"{res['fp32_peak'] / 1e9:.0f} GFLOP/s; ref "
+                       f"{res[f'ref_frac_peak_p{p}']:.0%}) | >= {target:.0%} |")
+  if "resize" in RESULTS:
+    lines.append(f"| PI-resize setup per patch size, dense / ours (worst size) | "
+                 f"{RESULTS['resize']['min_ratio']:.0f}x | >= 100x |")
+  if "cache" in RESULTS:
+    c = RESULTS["cache"]
+    lines.append(f"| restart with persistent cache / cold: compile all sizes | "
+                 f"{c['compile_ratio']:.0%} ({c['warm']['compile_s']:.1f}s vs "
+                 f"{c['cold']['compile_s']:.1f}s) | <= 10% |")
+    lines.append(f"| same, whole process incl. imports | {c['process_ratio']:.0%} | |")
+  if "memory" in RESULTS:
+    m = RESULTS["memory"]
+    for name, row in m["rows"].items():
+      lines.append(f"| distill step peak memory, B/8 teacher + FlexiViT-B/8, batch "
+                   f"{m['batch']}, {name} | {row['peak_bytes'] / 2 ** 30:.2f} GiB | "
+                   f"{'measured' if name == 'default' else 'lower than default'} |")
+  return "\n".join(lines)
+
+
+def parse_args(argv=None):
+  ints = lambda s: tuple(int(v) for v in s.split(","))  # noqa: E731
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--sections", default="resize,step,compile,cache,memory")
+  parser.add_argument("--quick", action="store_true", help="batch 4, 1 timed step")
+  parser.add_argument("--variants", default="Ti,S", type=lambda s: s.split(","))
+  parser.add_argument("--batch", type=int, default=None, help="train batch (default 8)")
+  parser.add_argument("--steps", type=int, default=None, help="timed steps per size")
+  parser.add_argument("--patches", type=ints, default=PATCHES)
+  parser.add_argument("--compile-patches", type=ints, default=None)
+  parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+  parser.add_argument("--scan", action="store_true", help="ours with nn.scan blocks")
+  parser.add_argument("--mem-batch", type=int, default=8)
+  parser.add_argument("--json", default=None, help="write all results here")
+  parser.add_argument("--cache-child", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  args.batch = args.batch or (4 if args.quick else 8)
+  args.steps = args.steps or (1 if args.quick else 2)
+  if args.compile_patches is None:
+    args.compile_patches = (48, 16, 8) if args.quick else args.patches
+  known = {"resize", "step", "compile", "cache", "memory"}
+  args.sections = args.sections.split(",")
+  bad = [s for s in args.sections if s not in known]
+  if bad:
+    parser.error(f"unknown section(s) {bad}; known: {sorted(known)}")
+  bad = [p for p in args.patches + args.compile_patches if RES % p]
+  if bad:
+    parser.error(f"patch size(s) {bad} do not tile {RES}px")
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if args.cache_child:
+    return cache_child(args)
+  RESULTS["machine"] = machine()
+  log("machine:", RESULTS["machine"])
+  if "resize" in args.sections:
+    section_resize(args)
+  if "step" in args.sections:
+    for variant in args.variants:
+      section_step(args, variant)
+  if "compile" in args.sections:
+    section_compile(args)
+  if "cache" in args.sections:
+    section_cache(args)
+  if "memory" in args.sections:
+    section_memory(args)
+  RESULTS["args"] = {k: v for k, v in vars(args).items() if not k.startswith("cache")}
+  log("\n" + summary())
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(RESULTS, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+  main()
