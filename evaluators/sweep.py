@@ -137,7 +137,7 @@ class Evaluator:
                predict_fns)
 
   def _make_step(self, fn):
-    """Jitted: (variables, batch) -> summed [hits, loss, count, real_hits, real_count]."""
+    """Jitted: (variables, batch) -> [hits, loss, count, real_hits, real_count, max set]."""
     def step(variables, batch):
       logits = fn(variables, batch)[self.outputs_key].astype(jnp.float32)
       labels = batch[self.label_key]
@@ -262,6 +262,7 @@ def plot_sweep(rows, path, title="FlexiViT patch-size sweep"):
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  import matplotlib.ticker  # pylint: disable=import-outside-toplevel,unused-import
   rows = sorted(rows, key=lambda r: r["patch_size"])
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
   ps = [r["patch_size"] for r in rows]
@@ -280,6 +281,8 @@ def plot_sweep(rows, path, title="FlexiViT patch-size sweep"):
     ax2.annotate(str(r["patch_size"]), (r["gflops"], 100 * r["prec@1"]),
                  textcoords="offset points", xytext=(4, 4), fontsize=8)
   ax2.set_xscale("log")
+  ax2.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+  ax2.set_xticks(gf, [f"{g:.2g}" for g in gf], fontsize=7, rotation=45)
   ax2.set_xlabel("GFLOPs / image")
   ax2.set_ylabel("top-1 accuracy (%)")
   ax2.grid(alpha=.3)
