@@ -113,9 +113,10 @@ def compile_all(model, tx, params, opt_state, batch, patches, threads):
   """AOT-compiles our step for every patch size; lowering serially, XLA in threads."""
   step = jax.jit(reference.make_step(model, tx), static_argnums=(4,), donate_argnums=(0, 1))
   t0 = time.perf_counter()
-  lowered = {p: step.lower(params, opt_state, *batch, (p, p)) for p in patches}
   with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
-    futures = {p: pool.submit(low.compile) for p, low in lowered.items()}
+    # Trace/lower (GIL-bound) here while earlier sizes compile in the pool.
+    futures = {p: pool.submit(step.lower(params, opt_state, *batch, (p, p)).compile)
+               for p in patches}
     compiled = {p: f.result() for p, f in futures.items()}
   return compiled, time.perf_counter() - t0
 
@@ -158,13 +159,19 @@ def section_step(args, variant):
     ref_first = time.perf_counter() - t0
     ours_state[0], ours_state[1], _ = jax.block_until_ready(compiled[p](*ours_state, *batch))
     ref_t, ours_t = [], []
-    for _ in range(args.steps):  # Interleaved: both see the same machine load.
+
+    def run_ref():
       t0 = time.perf_counter()
       ref_state[0], ref_state[1], _ = jax.block_until_ready(ref_step(*ref_state, *batch, (p, p)))
       ref_t.append(time.perf_counter() - t0)
+
+    def run_ours():
       t0 = time.perf_counter()
       ours_state[0], ours_state[1], _ = jax.block_until_ready(compiled[p](*ours_state, *batch))
       ours_t.append(time.perf_counter() - t0)
+    for i in range(args.steps):  # Interleaved, alternating order: same machine load.
+      for run in ((run_ref, run_ours) if i % 2 else (run_ours, run_ref)):
+        run()
     row = dict(patch=p, ref_s=min(ref_t), ours_s=min(ours_t),
                ref_compile_s=max(0.0, ref_first - min(ref_t)))
     rows.append(row)
@@ -201,15 +208,14 @@ def section_compile(args):
   batch = _data(args.batch)
   params = _init_params("Ti")
   rows = {}
-  for scan in (False, True):
-    for threads in sorted({1, args.threads}):
-      model = vit.Model(1000, variant="Ti", pool_type="tok", scan=scan, **OURS)
-      p_ = vit.layers_to_scan(params) if scan else params
-      jax.clear_caches()
-      _, secs = compile_all(model, tx, p_, tx.init(p_), batch, args.compile_patches, threads)
-      rows[f"scan={scan},threads={threads}"] = secs
-      log(f"compile Ti, {len(args.compile_patches)} sizes, scan={scan} threads={threads}: "
-          f"{secs:.1f}s")
+  for scan, threads in ((False, 1), (False, args.threads), (True, args.threads)):
+    model = vit.Model(1000, variant="Ti", pool_type="tok", scan=scan, **OURS)
+    p_ = vit.layers_to_scan(params) if scan else params
+    jax.clear_caches()
+    _, secs = compile_all(model, tx, p_, tx.init(p_), batch, args.compile_patches, threads)
+    rows[f"scan={scan},threads={threads}"] = secs
+    log(f"compile Ti, {len(args.compile_patches)} sizes, scan={scan} threads={threads}: "
+        f"{secs:.1f}s")
   RESULTS["compile"] = dict(patches=list(args.compile_patches), seconds=rows)
 
 
@@ -349,7 +355,7 @@ def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--sections", default="resize,step,compile,cache,memory")
-  parser.add_argument("--quick", action="store_true", help="batch 4, 1 timed step")
+  parser.add_argument("--quick", action="store_true", help="batch 4, 2 timed steps")
   parser.add_argument("--variants", default="Ti,S", type=lambda s: s.split(","))
   parser.add_argument("--batch", type=int, default=None, help="train batch (default 8)")
   parser.add_argument("--steps", type=int, default=None, help="timed steps per size")
@@ -363,7 +369,7 @@ def parse_args(argv=None):
   parser.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   args.batch = args.batch or (4 if args.quick else 8)
-  args.steps = args.steps or (1 if args.quick else 2)
+  args.steps = args.steps or (2 if args.quick else 3)
   if args.compile_patches is None:
     args.compile_patches = (48, 16, 8) if args.quick else args.patches
   known = {"resize", "step", "compile", "cache", "memory"}
