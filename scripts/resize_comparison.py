@@ -11,7 +11,7 @@ matters: PI-resize keeps every token unchanged when upsampling, the others do no
     python scripts/resize_comparison.py --config configs/demo.py:fixed=8 \
         --workdir /tmp/demo_b8 --base_patch 8 --patches 4,6,8,12,16,24 --out docs
 
-Writes OUT/resize_comparison.{md,json,png}.
+Writes OUT/NAME.{md,json,png} (NAME defaults to resize_comparison).
 """
 import argparse
 import json
@@ -70,9 +70,9 @@ def compare(params, model_kw, num_classes, data, *, base_patch, patches, grid,
   return out
 
 
-def write_outputs(results, out_dir, *, base_patch, grid, source):
+def write_outputs(results, out_dir, *, base_patch, grid, source, name="resize_comparison"):
   os.makedirs(out_dir, exist_ok=True)
-  base = os.path.join(out_dir, "resize_comparison")
+  base = os.path.join(out_dir, name)
   with open(base + ".json", "w") as f:
     json.dump({"base_patch": base_patch, "grid": grid, "source": source,
                "accuracy": {str(p): r for p, r in results.items()}}, f, indent=1)
@@ -119,6 +119,7 @@ def main(argv=None):
   p.add_argument("--data", default=None, help="TFDS name (default: the config's eval data).")
   p.add_argument("--split", default="test")
   p.add_argument("--out", default="docs")
+  p.add_argument("--name", default="resize_comparison", help="Output file basename.")
   args = p.parse_args(rest)
   if path is None:
     p.error("--config is required")
@@ -134,7 +135,7 @@ def main(argv=None):
                     dict(name=data_name, split=args.split), base_patch=args.base_patch,
                     patches=patches, grid=grid)
   base = write_outputs(results, args.out, base_patch=args.base_patch, grid=grid,
-                       source=f"{path} ({data_name})")
+                       source=f"{path} ({data_name})", name=args.name)
   print(open(base + ".md").read())
   return 0
 
