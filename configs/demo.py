@@ -21,7 +21,9 @@ def get_config(arg=None):
   res = a.res if not a.runlocal else 32
   data = a.data if not a.runlocal else "fine_shapes/tiny"  # 32px, 160 train / 50 test.
   c.seed = 0
-  c.num_classes = 10
+  # fine_shapes: 10 texture classes; shape_captions: 12 colour-shape classes (its
+  # tower then serves flexi-LiT's :runlocal, which needs colour/shape features).
+  c.num_classes = 12 if data.startswith("shape_captions") else 10
   c.loss = "softmax_xent"
   c.total_steps = a.steps if not a.runlocal else 4
 
