@@ -3,13 +3,16 @@ r"""Flexi-LiT (paper section 5.2): a text tower aligned to a locked FlexiViT at 
     # Realistic: FlexiViT-B i21k image tower, COCO captions, a SentencePiece vocabulary.
     python -m trainers.lit --config configs/flexilit_b.py:spm=/path/to/vocab.model \
         --workdir workdirs/flexilit_b
-    # Offline, on this machine: first the image tower (the supervised demo), then LiT.
-    python -m trainers.train --config configs/demo.py --workdir workdirs/demo
+    # Offline, on this machine: first the image tower (the supervised demo on the
+    # captions' images, 12 colour-shape classes), then LiT.
+    python -m trainers.train --config configs/demo.py:data=shape_captions/64 \
+        --workdir workdirs/demo_captions
     python -m trainers.lit --config configs/flexilit_b.py:runlocal --workdir workdirs/lit
     python -m trainers.lit --config configs/flexilit_b.py:runlocal,fixed=16 --workdir workdirs/lit16
 
-Args: runlocal (offline shape_captions + the demo FlexiViT), img_workdir=workdirs/demo
-(the demo run to take the image tower from), fixed=0 (a patch size > 0: train the text
+Args: runlocal (offline shape_captions + the demo FlexiViT), img_workdir=workdirs/demo_captions
+(the demo run to take the image tower from; a tower trained on fine_shapes textures is
+blind to colour and shape, and locked LiT on captions then stays at chance), fixed=0 (a patch size > 0: train the text
 tower at that one size only, the fixed-patch LiT baseline; evaluation still covers every
 size), steps, batch, loss=softmax|sigmoid, train_img (unlock: train the image tower too), smoke
 (a few steps on tiny splits, for tests).
@@ -85,8 +88,8 @@ def _runlocal(c, a):
                  text=dict(width=64, depth=2, mlp_dim=256, num_heads=4, vocab_size=259,
                            pool_type="last"),
                  out_dim=(None, image["width"]))
-  hint = (f"train the image tower first: python -m trainers.train --config configs/demo.py "
-          f"--workdir {a.img_workdir}")
+  hint = ("train the image tower first: python -m trainers.train --config "
+          f"configs/demo.py:data=shape_captions/64 --workdir {a.img_workdir}")
   c.model_init = dict(img=a.img_workdir)
   c.model_load = dict(img_dont_load=["head/.*"], missing_hint=hint)
   data = "shape_captions/64" if not a.smoke else "shape_captions/tiny"
@@ -116,8 +119,9 @@ def _runlocal(c, a):
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, runlocal=False, smoke=False, img_workdir="workdirs/demo",
-                           fixed=0, steps=0, batch=0, loss="softmax", train_img=False, spm="")
+  a = config_lib.parse_arg(arg, runlocal=False, smoke=False,
+                           img_workdir="workdirs/demo_captions", fixed=0, steps=0, batch=0,
+                           loss="softmax", train_img=False, spm="")
   if a.loss not in ("softmax", "sigmoid"):
     raise config_lib.ConfigError(f"config arg loss={a.loss!r}: use softmax or sigmoid")
   c = ml_collections.ConfigDict()

@@ -217,7 +217,7 @@ def test_runlocal_config_missing_image_tower_names_command(tmp_path):
   trainer = lit.make_trainer(config)
   params = {"img": {}, "txt": {}, "t": np.zeros(1)}
   with pytest.raises(FileNotFoundError, match="python -m trainers.train --config "
-                     "configs/demo.py --workdir .*demo"):
+                     r"configs/demo.py:data=shape_captions/64 --workdir .*demo"):
     trainer.load_pretrained(params, config)
 
 

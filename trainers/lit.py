@@ -1,7 +1,8 @@
 """Flexi-LiT (paper section 5.2): a text tower trained contrastively against a locked
 FlexiViT whose patch size is sampled at every step, so one text tower serves all sizes.
 
-    python -m trainers.train --config configs/demo.py --workdir workdirs/demo   # image tower
+    python -m trainers.train --config configs/demo.py:data=shape_captions/64 \
+        --workdir workdirs/demo_captions                                     # image tower
     python -m trainers.lit --config configs/flexilit_b.py:runlocal --workdir workdirs/lit
     python -m trainers.lit --config configs/flexilit_b.py:runlocal,fixed=16 --workdir ...
 
