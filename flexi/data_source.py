@@ -3,8 +3,8 @@
 A `DataSource` knows the split size and makes a process-local numpy iterator that
 starts at a given step. The default one reads `config.input` through
 `input_pipeline.build_train_dataset`; its order is a deterministic function of
-`config.seed`, so resuming at step k skips k batches and sees exactly the batches an
-uninterrupted run would. Tests and benchmarks pass an in-memory source instead.
+`config.seed`, so resuming at step k starts the stream at batch k (skipping raw
+records before decoding) and sees exactly the batches an uninterrupted run would. Tests and benchmarks pass an in-memory source instead.
 """
 import dataclasses
 import itertools
@@ -23,19 +23,20 @@ class DataSource:
 
 
 def from_input_config(config) -> DataSource:
-  """Default: `input_pipeline.build_train_dataset(config.input)`, skipped on resume."""
+  """Default: `input_pipeline.build_train_dataset(config.input)`, resumable at any step."""
   import input_pipeline  # pylint: disable=import-outside-toplevel
   input_cfg = dict(config.input.to_dict(), seed=config.seed)
   input_cfg.pop("num_examples", None)
-  ds, n = input_pipeline.build_train_dataset(
-      input_cfg, process_index=jax.process_index(), process_count=jax.process_count())
+
+  def build(start_step):
+    return input_pipeline.build_train_dataset(
+        input_cfg, process_index=jax.process_index(), process_count=jax.process_count(),
+        start_batch=start_step)
+
+  _, n = build(0)
   if config.input.num_examples:
     n = config.input.num_examples
-
-  def make_iter(start_step):
-    return iter(ds.skip(start_step).as_numpy_iterator()) if start_step else iter(
-        ds.as_numpy_iterator())
-  return DataSource(make_iter, n)
+  return DataSource(lambda start: iter(build(start)[0].as_numpy_iterator()), n)
 
 
 def in_memory(images: np.ndarray, labels: np.ndarray, *, batch_size: int, seed: int = 0,

@@ -67,7 +67,7 @@ def _local_batch(batch_size, process_count):
   return batch_size // process_count
 
 
-def _preprocess(ds, pp_string, *, seed, process_index, skip, tag):
+def _preprocess(ds, pp_string, *, seed, process_index, skip, tag, first_index=0):
   """Adds per-example seeds, runs pp, drops/counts bad records, strips "_" keys."""
   pp_fn = preprocess.get_preprocess_fn(pp_string)
   base = tf.constant(seed * 1_000_003 + process_index, tf.int64)
@@ -78,7 +78,7 @@ def _preprocess(ds, pp_string, *, seed, process_index, skip, tag):
       ex[DECODE_OK_KEY] = tf.constant(True)
     return pp_fn(ex)
 
-  ds = ds.enumerate().map(run, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.enumerate(start=first_index).map(run, num_parallel_calls=tf.data.AUTOTUNE)
   if skip:
     def count(record):
       DECODE_ERRORS[tag] += 1
@@ -93,9 +93,17 @@ def _preprocess(ds, pp_string, *, seed, process_index, skip, tag):
   return ds.map(lambda ex: {k: v for k, v in ex.items() if not is_internal(k)})
 
 
-def build_train_dataset(input_cfg, *, process_index=None, process_count=None):
+def build_train_dataset(input_cfg, *, process_index=None, process_count=None,
+                        start_batch=0):
   """(endless process-local dataset of batches of batch_size/process_count,
-  number of examples in the (whole) training split)."""
+  number of examples in the (whole) training split).
+
+  `start_batch` resumes the stream: the same batches as an uninterrupted run from
+  that point on, with the skipped records dropped BEFORE decoding and augmentation
+  (their per-example seeds are indices in the shuffled stream), so resuming a long
+  run costs a read of the raw records, not a re-run of the preprocessing. (With
+  `skip_decode_errors`, dropped records shift later batches.)
+  """
   cfg = _train_config(input_cfg)
   pi, pc = _processes(process_index, process_count)
   local_bs = _local_batch(cfg["batch_size"], pc)
@@ -107,8 +115,10 @@ def build_train_dataset(input_cfg, *, process_index=None, process_count=None):
   if cfg["cache_raw"]:
     ds = ds.cache()
   ds = ds.repeat().shuffle(cfg["shuffle_buffer_size"], seed=cfg["seed"])
-  ds = _preprocess(ds, cfg["pp"], seed=cfg["seed"], process_index=pi,
-                   skip=cfg["skip_decode_errors"], tag=f"{data['name']}:{split}")
+  start = start_batch * local_bs
+  ds = _preprocess(ds.skip(start), cfg["pp"], seed=cfg["seed"], process_index=pi,
+                   skip=cfg["skip_decode_errors"], tag=f"{data['name']}:{split}",
+                   first_index=start)
   ds = ds.batch(local_bs, drop_remainder=True).prefetch(cfg["prefetch"])
   return ds, source.num_examples(split)
 

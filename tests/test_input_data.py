@@ -92,6 +92,19 @@ def test_train_deterministic_given_seed(data_dir):
   assert not np.array_equal(a["image"], c["image"])
 
 
+def test_resumed_stream_equals_uninterrupted(data_dir):
+  """start_batch=k gives batches k, k+1, ... of the uninterrupted run (crossing an epoch)."""
+  pp = 'decode|inception_crop(16)|flip_lr|keep("image", "label")'
+  cfg = _train_cfg(data_dir, pp, seed=3)
+  full = list(ip.build_train_dataset(cfg, process_index=0, process_count=1)[0]
+              .take(23).as_numpy_iterator())
+  resumed = list(ip.build_train_dataset(cfg, process_index=0, process_count=1,
+                                        start_batch=19)[0].take(4).as_numpy_iterator())
+  for a, b in zip(full[19:], resumed):  # 160 examples / 8 = 20 batches per epoch.
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+
+
 def test_pipeline_copies_share_crop_and_flip(data_dir):
   pp = ('decode|inception_crop(64)|flip_lr|copy("image", "prof")|resize(32, key="prof")|'
         'keep("image", "prof")')
