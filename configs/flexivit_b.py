@@ -1,7 +1,7 @@
 r"""FlexiViT by FunMatch distillation (paper section 3.4; big_vision's
 configs/proj/flexivit/i21k_distill.py and i1k_deit3_distill.py).
 
-    python -m trainers.distill --config configs/flexivit_b.py --workdir gs://...            # i21k, B
+    python -m trainers.distill --config configs/flexivit_b.py --workdir gs://...  # i21k, B
     python -m trainers.distill --config configs/flexivit_b.py:data=i1k,variant=S --workdir ...
     python -m trainers.train --config configs/teacher_demo.py --workdir workdirs/teacher
     python -m trainers.distill --config configs/flexivit_b.py:runlocal --workdir workdirs/distill
@@ -72,7 +72,9 @@ def _paper(c, a):
     t_res, t_model = 224, dict(variant="B/8", posemb_size=(28, 28), pool_type="tok")
     t_init = I21K_TEACHER
     made_by = f"download {t_init} (big_vision's howto-i21k-B/8)"
-  label = f'|onehot({c.num_classes})|keep("image", "prof", "labels")'
+  key = "label" if i1k else "labels"  # big_vision's i21k examples carry "labels".
+  label = (f'|onehot({c.num_classes}, key="{key}", key_result="labels")'
+           '|keep("image", "prof", "labels")')
   c.input.pp = _pp_train(a.res, t_res, label)
   c.teachers = dict(prof=dict(model=t_model, init=a.teacher or t_init, input_key="prof",
                               made_by=made_by))
@@ -87,7 +89,8 @@ def _paper_evals(a, c, t_res):
   """Student at every patch size, teacher, and distances, per split."""
   i1k = a.data == "i1k"
   n = c.num_classes
-  lbl = lambda k, keep: f'|onehot({n}, key="{k}", key_result="labels")|keep("{keep}", "labels")'
+  lbl = lambda k, keep: (f'|onehot({n}, key="{k}", key_result="labels")'
+                         f'|keep("{keep}", "labels")')
   student_pp = "decode|" + _pp_eval(a.res)
   teacher_pp = 'decode|copy("image", "prof")|' + _pp_eval(t_res, "prof")
   both_pp = ('decode|copy("image", "prof")|' + _pp_eval(a.res) + "|" + _pp_eval(t_res, "prof")
@@ -101,9 +104,9 @@ def _paper_evals(a, c, t_res):
                   real=("imagenet2012_real", "validation", "real_label"))
     dist_splits = ("minitrain", "val")
   else:
-    splits = dict(test=("imagenet21k", "full[:25_600]", "label"),
-                  val=("imagenet21k", "full[25_600:51_200]", "label"),
-                  minitrain=("imagenet21k", "full[51_200:76_800]", "label"))
+    splits = dict(test=("imagenet21k", "full[:25_600]", "labels"),
+                  val=("imagenet21k", "full[25_600:51_200]", "labels"),
+                  minitrain=("imagenet21k", "full[51_200:76_800]", "labels"))
     dist_splits = ("minitrain", "val")
   evals = {}
   for name, (ds, split, key) in splits.items():
@@ -130,7 +133,8 @@ def _runlocal(c, a):
   c.loss = "softmax_xent"
   c.input = dict(data=dict(name="fine_shapes/64", split="train"), batch_size=64,
                  shuffle_buffer_size=3000, cache_raw=True, prefetch=4)
-  label = f'|onehot({c.num_classes})|keep("image", "prof", "labels")'
+  label = (f'|onehot({c.num_classes}, key="label", key_result="labels")'
+           '|keep("image", "prof", "labels")')
   c.input.pp = _pp_train(res, t_res, label).replace("inception_crop",
                                                      "inception_crop(area_min=60)")
   width = 64
@@ -147,7 +151,8 @@ def _runlocal(c, a):
   c.log_training_steps, c.ckpt_steps = 25, 250
 
   data = dict(name="fine_shapes/64", split="test")
-  lbl = lambda *keys: f'|onehot({c.num_classes})|keep({", ".join(map(repr, keys))})'
+  lbl = lambda *keys: (f'|onehot({c.num_classes}, key="label", key_result="labels")'
+                       f'|keep({", ".join(map(repr, keys))})')
   student_pp = f"decode|resize({res})|value_range(-1, 1)" + lbl("image", "labels")
   teacher_pp = (f'decode|copy("image", "prof")|resize({t_res}, key="prof")'
                 f'|value_range(-1, 1, key="prof")' + lbl("prof", "labels"))
@@ -168,7 +173,7 @@ def _runlocal(c, a):
 
 def get_config(arg=None):
   a = config_lib.parse_arg(arg, runlocal=False, data="i21k", variant="B", res=240,
-                           teacher="", steps=600)
+                           teacher="", steps=2500)
   if a.data not in ("i21k", "i1k"):
     raise config_lib.ConfigError(f"config arg data={a.data!r}: choose i21k or i1k")
   if a.variant not in DEIT3:

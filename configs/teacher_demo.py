@@ -31,8 +31,10 @@ def get_config(arg=None):
   data = "fine_shapes/64"
   c.input = dict(data=dict(name=data, split="train"), batch_size=a.batch,
                  shuffle_buffer_size=3000, cache_raw=True, prefetch=4)
-  pp_tail = f'|value_range(-1, 1)|onehot({c.num_classes})|keep("image", "labels")'
-  c.input.pp = f"decode|inception_crop({a.res}, area_min=60)|flip_lr" + pp_tail
+  pp_tail = (f'|value_range(-1, 1)|onehot({c.num_classes}, key="label", key_result="labels")'
+             '|keep("image", "labels")')
+  # No flip_lr: fine_shapes' labels are mark positions (left/right would swap).
+  c.input.pp = f"decode|resize({a.res})" + pp_tail
   pp_eval = f"decode|resize({a.res})" + pp_tail
 
   c.log_training_steps = 50 if not a.runlocal else 1
@@ -52,7 +54,7 @@ def get_config(arg=None):
 
   split = "test" if not a.runlocal else "test[:32]"
   c.evals = dict(test=dict(type="classification", data=dict(name=data, split=split),
-                           pp_fn=pp_eval, pred=f"predict_patch_size={a.patch}",
+                           pp_fn=pp_eval, preds=[f"predict_patch_size={a.patch}"],
                            batch_size=100 if not a.runlocal else 16,
                            log_steps=c.total_steps))
   return c

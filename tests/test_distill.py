@@ -300,6 +300,9 @@ def test_bad_distill_config_errors(teacher_npz, cache_dir):
   with pytest.raises(ValueError, match="does not fit config.teachers.prof.model"):
     init_student(make_config(teacher_npz, cache_dir, teachers=dict(prof=dict(
         model={**TEACHER, "width": 48}, init=teacher_npz))))
+  with pytest.raises(ValueError, match=r"pos_embedding \(1, 16, 32\) vs model \(1, 4, 32\)"):
+    distill.load_teacher(distill.parse_teachers(make_config(teacher_npz, cache_dir, teachers=dict(
+        prof=dict(model={**TEACHER, "posemb_size": (2, 2)}, init=teacher_npz))))[0])
   with pytest.raises(config_lib.ConfigError, match="distance_k"):
     config_lib.build(dict(distance_k=1), schema=distill.SCHEMA)
 

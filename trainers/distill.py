@@ -23,15 +23,14 @@ Config keys on top of the base schema:
                              made_by="command that produces init")}  # for the error message
     distance = "kl"; distance_kw = dict(t=1.0)
 """
-import contextlib
 import dataclasses
 import os
+import re
 import sys
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import evaluators.distance as dd  # Registers the "distance" evaluator.
 from flexi import checkpoint, ckpt_manager, cli, losses, train_loop, vit
@@ -117,10 +116,19 @@ def _native_image(model):
 def load_teacher(teacher):
   """Teacher params (host numpy) in the teacher model's own tree, shapes checked."""
   loaded = _read_teacher(teacher)  # First: a missing file fails before any compile.
-  init = jax.jit(teacher.model.init)(jax.random.PRNGKey(0), _native_image(teacher.model))
+  init = jax.device_get(jax.jit(teacher.model.init)(
+      jax.random.PRNGKey(0), _native_image(teacher.model))["params"])
+  # A teacher runs exactly as stored: no silent PI-/posemb-resize of its weights.
+  want = checkpoint.flatten(init)
+  got = checkpoint.fix_old_layouts(checkpoint.flatten(loaded))
+  skip = [re.compile(p) for p in teacher.dont_load]
+  bad = [f"{k} {tuple(got[k].shape)} vs model {tuple(v.shape)}" for k, v in want.items()
+         if k in got and tuple(got[k].shape) != tuple(v.shape)
+         and not any(p.fullmatch(k) for p in skip)]
   try:
-    return checkpoint.load_into(jax.device_get(init["params"]), loaded,
-                                dont_load=teacher.dont_load)
+    if bad:
+      raise ValueError("shapes differ: " + "; ".join(bad))
+    return checkpoint.load_into(init, loaded, dont_load=teacher.dont_load)
   except ValueError as e:
     raise ValueError(f"teacher {teacher.name!r} ({teacher.init}) does not fit "
                      f"config.teachers.{teacher.name}.model: {e}") from None
@@ -197,11 +205,10 @@ def make_trainer(config) -> train_loop.Trainer:
                                 train=False, **flexi)
     return {"logits": logits, "pre_logits": out["pre_logits"]}
 
-  trainer = train_loop.Trainer(init_params=init_params, loss_fn=loss_fn,
-                               predict_fn=predict_fn, load_pretrained=load_pretrained,
-                               make_consts=make_consts, schema=SCHEMA)
-  trainer.extra_predict_fns = teacher_predict_fns(teachers, config)
-  return trainer
+  return train_loop.Trainer(init_params=init_params, loss_fn=loss_fn, predict_fn=predict_fn,
+                            load_pretrained=load_pretrained, make_consts=make_consts,
+                            extra_predict_fns=teacher_predict_fns(teachers, config),
+                            schema=SCHEMA)
 
 
 def teacher_predict_fns(teachers, config):
@@ -224,41 +231,13 @@ def teacher_predict_fns(teachers, config):
   return fns
 
 
-@contextlib.contextmanager
-def extra_predict_fns(trainer):
-  """Adds the teachers' predict fns to the loop's (adapter until core takes them)."""
-  fns = getattr(trainer, "extra_predict_fns", {})
-  if "extra_predict_fns" in {f.name for f in dataclasses.fields(train_loop.Trainer)}:
-    yield  # The loop reads trainer.extra_predict_fns itself.
-    return
-  original = train_loop.PredictFns
-
-  class WithTeachers(original):
-    def __init__(self, *args, **kw):
-      super().__init__(*args, **kw)
-      self.update(fns)
-
-  train_loop.PredictFns = WithTeachers
-  try:
-    yield
-  finally:
-    train_loop.PredictFns = original
-
-
 def train_and_evaluate(config, workdir, **kw):
   """Importable entry point (tests): builds the trainer and runs the shared loop."""
-  trainer = make_trainer(config)
-  with extra_predict_fns(trainer):
-    return train_loop.train_and_evaluate(config, workdir, trainer, **kw)
+  return train_loop.train_and_evaluate(config, workdir, make_trainer(config), **kw)
 
 
 def main(argv=None):
-  with contextlib.ExitStack() as stack:
-    def make(config):
-      trainer = make_trainer(config)
-      stack.enter_context(extra_predict_fns(trainer))
-      return trainer
-    return cli.main(make, sys.argv[1:] if argv is None else argv, schema=SCHEMA)
+  return cli.main(make_trainer, sys.argv[1:] if argv is None else argv, schema=SCHEMA)
 
 
 if __name__ == "__main__":
