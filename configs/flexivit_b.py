@@ -18,13 +18,16 @@ batch 1024 (as big_vision's i1k_deit3_distill.py).
 Args: data=i21k|i1k, variant=S|B|L, res=240, teacher=<path> (override the teacher
 checkpoint), runlocal (tiny student and teacher on the offline `fine_shapes/64`
 data; the teacher is the checkpoint of configs/teacher_demo.py, by default in
-workdirs/teacher), steps=<n> (runlocal length).
+workdirs/teacher), steps=<n> (runlocal length, default 2500). Its results:
+docs/results_distill.md.
 
 Differences to big_vision: the teacher copy is resized with `key="prof"` (big_vision's
 i21k config has `resize(224, outkey="prof")`, which reads the already value-ranged
 student image and value-ranges it twice); the i21k variant's ImageNet-1k evals need
 a label-mapped classifier that does not exist here yet, so i21k evaluates on i21k
-splits and measures student-teacher distances there.
+splits and measures student-teacher distances there. The student stores a 32x32
+kernel (paper section 3.4, released checkpoints); big_vision's i21k config writes
+patch_size=(8, 8) for it.
 """
 import ml_collections
 
@@ -159,7 +162,7 @@ def _runlocal(c, a):
   both_pp = (f'decode|copy("image", "prof")|resize({res})|value_range(-1, 1)'
              f'|resize({t_res}, key="prof")|value_range(-1, 1, key="prof")'
              + lbl("image", "prof", "labels"))
-  every = dict(log_steps=a.steps, batch_size=100)
+  every = dict(log_steps=a.steps, batch_size=128)
   c.evals = dict(
       student_test=dict(type="classification", data=data, pp_fn=student_pp, **every),
       teacher_test=dict(type="classification", data=data, pred="predict_prof",

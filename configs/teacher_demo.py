@@ -55,6 +55,6 @@ def get_config(arg=None):
   split = "test" if not a.runlocal else "test[:32]"
   c.evals = dict(test=dict(type="classification", data=dict(name=data, split=split),
                            pp_fn=pp_eval, preds=[f"predict_patch_size={a.patch}"],
-                           batch_size=100 if not a.runlocal else 16,
+                           batch_size=128 if not a.runlocal else 16,
                            log_steps=c.total_steps))
   return c
