@@ -96,7 +96,7 @@ def test_gflops_follow_token_count(sweep_rows):
     # Patch embedding + qkv/out + attention + MLP + head, 2 flops per multiply-add.
     analytic = 2 * hw * c * d + 8 * n * d * d + 4 * n * n * d + 4 * n * d * m + 2 * d * n_cls
     ratio = metrics[f"patch_size={p}/gflops"] * 1e9 / analytic
-    assert 0.95 < ratio < 1.35, (p, ratio)
+    assert 1.0 < ratio < 1.15, (p, ratio)  # Extra: LayerNorms, softmax, GELU.
   g = [metrics[f"patch_size={p}/gflops"] for p in SIZES]
   assert g[0] < g[1] < g[2]
 

@@ -1,5 +1,6 @@
 """Checkpoint conversion: npz <-> workdir, fixed-patch export, timm import."""
 import importlib.util
+import os
 
 import jax
 import numpy as np
@@ -200,3 +201,47 @@ def test_timm_pth_matches_safetensors(tmp_path):
   a = _flat(convert.load_any(str(tmp_path / "m.pth")))
   b = _flat(convert.load_any(str(tmp_path / "m.safetensors")))
   assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+# --- scripts/resize_comparison.py (paper Figure 4) ----------------------------------
+
+def _load_script():
+  path = os.path.join(os.path.dirname(__file__), "..", "scripts", "resize_comparison.py")
+  spec = importlib.util.spec_from_file_location("resize_comparison", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_resize_comparison_pi_resize_exact_on_patchwise_upsampled_images(tmp_path,
+                                                                          monkeypatch):
+  from flexi import resize  # pylint: disable=import-outside-toplevel
+  script = _load_script()
+  model_kw = dict(pool_type="gap", patch_size=(8, 8), posemb_size=(4, 4), **KW)
+  model = vit.Model(5, **model_kw)
+  base = np.random.default_rng(7).normal(size=(24, 32, 32, 3)).astype(np.float32)
+  params = jax.tree.map(np.asarray, model.init(jax.random.PRNGKey(3), base[:1])["params"])
+  labels = np.eye(5, dtype=np.float32)[np.asarray(model.apply({"params": params}, base)[0])
+                                       .argmax(-1)]  # Base accuracy is exactly 1.
+
+  def upsample_patchwise(images, p):
+    # Each 8x8 patch resized on its own with tf.image.resize's bilinear matrix.
+    m = resize.resize_matrix(8, p).astype(np.float32)
+    patches = images.reshape(-1, 4, 8, 4, 8, 3)
+    up = np.einsum("ia,jb,nhawbc->nhiwjc", m, m, patches)
+    return up.reshape(len(images), 4 * p, 4 * p, 3)
+
+  def fake_batches(data, res, num_classes, batch_size):
+    del data, num_classes, batch_size
+    yield upsample_patchwise(base, res // 4), labels, np.ones(len(base), bool)
+
+  monkeypatch.setattr(script, "batches", fake_batches)
+  out = script.compare(params, model_kw, 5, {}, base_patch=8, patches=[8, 16, 24], grid=4)
+  for p in (8, 16, 24):
+    assert out[p]["pi"] == 1.0  # Upsampling: every token is unchanged.
+  assert out[8]["bilinear"] == 1.0
+  for m in ("bilinear", "area", "norm"):  # The heuristics change the tokens.
+    assert out[16][m] < 0.8 and out[24][m] < 0.8, m
+  base_path = script.write_outputs(out, str(tmp_path), base_patch=8, grid=4, source="test")
+  assert "| 16 (64px) | 100.0 |" in open(base_path + ".md").read()
+  assert os.path.getsize(base_path + ".png") > 5_000
