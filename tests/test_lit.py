@@ -199,6 +199,24 @@ def test_trainer_bad_config():
     _config(lit=dict(lock_im=False))
 
 
+def test_bad_batches_and_eval_configs(setup):
+  _, trainer, _, batch = setup
+  spec = {"image": jax.ShapeDtypeStruct(batch["image"].shape, np.float32)}
+  with pytest.raises(ValueError, match="LiT batches need 'labels'"):
+    trainer.init_params(jax.random.PRNGKey(0), spec)
+  from flexi import text_model  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match=r"token ids \[batch, len\], got shape \(2, 3, 4\)"):
+    text_model.Model(8, variant="mu").init(jax.random.PRNGKey(0), jnp.zeros((2, 3, 4), jnp.int32))
+  with pytest.raises(ValueError, match="unknown text model option.*'widht'"):
+    text_model.Model(8, widht=3)
+  fns = {"predict": None, "predict_patch_size=8": None}
+  with pytest.raises(ValueError, match=r"config.evals.zs \(zeroshot\) needs 'pp_txt'"):
+    retrieval.ZeroShotEvaluator.validate("zs", {"data": {}, "pp_fn": ""}, fns)
+  with pytest.raises(ValueError, match="unknown predict fn 'predict_patch_size=9'"):
+    retrieval.RetrievalEvaluator.validate(
+        "r", {"data": {}, "pp_fn": "", "preds": ["predict_patch_size=9"]}, fns)
+
+
 def test_load_errors(tmp_path, setup):
   _, _, params, _ = setup
   with pytest.raises(ValueError, match=r"unknown model_init key\(s\) \['imgg'\]"):
