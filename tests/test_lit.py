@@ -1,7 +1,5 @@
 """Flexi-LiT: contrastive losses (NumPy and 8-device mesh), locked image tower,
 retrieval recall, tokenizer round trips, bad inputs."""
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np

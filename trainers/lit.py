@@ -15,7 +15,6 @@ import sys
 
 import jax
 
-import evaluators.retrieval  # pylint: disable=unused-import  # Registers retrieval/zeroshot.
 from flexi import cli, train_loop, two_tower
 from flexi import config as config_lib
 
