@@ -23,7 +23,6 @@ import jax
 import numpy as np
 
 import evaluators as evaluators_lib
-from evaluators import sweep as _sweep, timing as _timing  # noqa: F401  (register types)
 from flexi import ckpt_manager, checkpoint, distributed, logging_utils, patch_sampler
 from flexi import sharding, train_loop
 from flexi import config as config_lib
