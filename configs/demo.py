@@ -4,8 +4,9 @@ r"""Quickstart: a tiny FlexiViT on the offline `fine_shapes` set, ~5 minutes on 
 
 Trains one set of weights with the patch size sampled per step from 48..8 at 96px
 (token grids 2x2..12x12) and ends with test accuracy at every patch size as a table.
-Args: runlocal (a few steps, for tests), res=96, steps=..., variant=..., fixed=0
-(a patch size > 0 trains a plain fixed-patch ViT for comparison).
+Args: runlocal (a few steps, for tests), res=96, steps=..., width/depth/heads, fixed=0
+(a patch size > 0 trains a plain fixed-patch ViT for comparison), curriculum=1 (0:
+uniform over the patch sizes from the first step), data=fine_shapes/96.
 """
 import ml_collections
 
@@ -15,7 +16,7 @@ from flexi import config as config_lib
 def get_config(arg=None):
   a = config_lib.parse_arg(arg, runlocal=False, res=96, steps=1500, batch=64, fixed=0,
                            width=64, depth=2, heads=4, pool="gap", lr=2e-3,
-                           data="fine_shapes/96")
+                           data="fine_shapes/96", curriculum=1)
   c = ml_collections.ConfigDict()
   c.arg = a.to_dict()
   res = a.res if not a.runlocal else 32
@@ -47,7 +48,12 @@ def get_config(arg=None):
     c.model.posemb_size = (res // a.fixed, res // a.fixed)
     c.flexi = dict(patch_size=dict(v=[a.fixed]))
   else:
-    c.flexi = dict(patch_size=dict(v=sizes))  # Uniform.
+    c.flexi = dict(patch_size=dict(v=sizes))  # Uniform...
+    if a.curriculum and not a.runlocal:
+      # ...after a warm start on the three smallest sizes for the first 30% of steps:
+      # fine patterns are learned first, then every size (paper section 3's curricula).
+      small = [1 if p <= sorted(sizes)[2] else 0 for p in sizes]
+      c.flexi.curriculum = dict(stages=[(0.3, small), (1.0, [1] * len(sizes))])
 
   c.optax_name = "scale_by_adam"
   c.grad_clip_norm = 1.0
@@ -56,9 +62,9 @@ def get_config(arg=None):
   c.schedule = dict(warmup_steps=100 if not a.runlocal else 1, decay_type="cosine")
 
   split = "test" if not a.runlocal else "test[:32]"
-  # One evaluator, every patch size: fixed runs are also evaluated at all sizes.
-  preds = [f"predict_patch_size={p}" for p in sizes]
-  c.evals = dict(test=dict(type="classification", data=dict(name=data, split=split),
-                           pp_fn=pp_eval, preds=preds, batch_size=256 if not a.runlocal else 16,
-                           log_percent=50))
+  # At the end: every patch size in one pass over the test split (fixed-patch runs too),
+  # with GFLOPs/image; writes WORKDIR/sweep.json and sweep.png.
+  c.evals = dict(test=dict(type="sweep", data=dict(name=data, split=split), pp_fn=pp_eval,
+                           patch_sizes=sizes, batch_size=200 if not a.runlocal else 16,
+                           out_name="sweep", plot=not a.runlocal))
   return c
