@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks import reference
+from benchmarks import memory, reference
 from flexi import resize, vit
 
 PATCHES = (48, 40, 30, 24, 20, 16, 15, 12, 10, 8)
@@ -259,43 +259,6 @@ def section_cache(args):
   RESULTS["cache"] = out
 
 
-# --- Peak memory of a distillation step. -------------------------------------------
-
-def _distill_step(teacher, student, tx, patch):
-  def step(t_params, s_params, opt_state, t_images, s_images):
-    t_logits, _ = teacher.apply({"params": t_params}, t_images)
-    t_logits = jax.lax.stop_gradient(t_logits)
-
-    def loss_fn(p):
-      s_logits, _ = student.apply({"params": p}, s_images, patch_size=patch, train=True)
-      kl = jax.nn.softmax(t_logits) * (jax.nn.log_softmax(t_logits)
-                                       - jax.nn.log_softmax(s_logits))
-      return kl.sum(-1).mean()
-    loss, grads = jax.value_and_grad(loss_fn)(s_params)
-    updates, opt_state = tx.update(grads, opt_state, s_params)
-    return optax.apply_updates(s_params, updates), opt_state, loss
-  return step
-
-
-def distill_memory(batch, patch, **student_kw):
-  teacher = vit.Model(1000, variant="B/8", posemb_size=28, pool_type="tok")
-  student = vit.Model(1000, variant="B", pool_type="tok", **student_kw)
-  tx = optax.adam(1e-3)
-  rng = jax.random.PRNGKey(0)
-  t_params = jax.eval_shape(teacher.init, rng, jnp.zeros((1, 224, 224, 3)))["params"]
-  s_params = jax.eval_shape(student.init, rng, jnp.zeros((1, RES, RES, 3)))["params"]
-  opt_state = jax.eval_shape(tx.init, s_params)
-  step = jax.jit(_distill_step(teacher, student, tx, (patch, patch)), donate_argnums=(1, 2))
-  compiled = step.lower(t_params, s_params, opt_state,
-                        jax.ShapeDtypeStruct((batch, 224, 224, 3), jnp.float32),
-                        jax.ShapeDtypeStruct((batch, RES, RES, 3), jnp.float32)).compile()
-  mem = compiled.memory_analysis()
-  peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-          - mem.alias_size_in_bytes)
-  return dict(peak_bytes=peak, temp_bytes=mem.temp_size_in_bytes,
-              argument_bytes=mem.argument_size_in_bytes)
-
-
 def section_memory(args):
   rows = {}
   configs = {"default": {}, "remat": dict(remat=True),
@@ -304,7 +267,7 @@ def section_memory(args):
   if not args.quick:
     configs["scan+remat+auto-attention"] = dict(scan=True, remat=True, attention="auto")
   for name, kw in configs.items():
-    rows[name] = distill_memory(args.mem_batch, 8, **kw)
+    rows[name] = memory.distill_memory(args.mem_batch, 8, **kw)
     log(f"memory B/8 teacher + FlexiViT-B/8 student, batch {args.mem_batch}, {name}: "
         f"peak {rows[name]['peak_bytes'] / 2 ** 30:.2f} GiB "
         f"(temp {rows[name]['temp_bytes'] / 2 ** 30:.2f} GiB)")
@@ -377,7 +340,7 @@ def parse_args(argv=None):
   bad = [s for s in args.sections if s not in known]
   if bad:
     parser.error(f"unknown section(s) {bad}; known: {sorted(known)}")
-  bad = [p for p in args.patches + args.compile_patches if RES % p]
+  bad = sorted({p for p in args.patches + args.compile_patches if RES % p})
   if bad:
     parser.error(f"patch size(s) {bad} do not tile {RES}px")
   return args

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from flexi import resize
+from flexi.attention import (attention_fn, auto_attention, blocked_attention,  # noqa: F401
+                             xla_attention)
 
 _VARIANTS = {  # name: (width, depth, mlp_dim, num_heads); Table 2 of arXiv:2106.04560.
     "mu": (32, 1, 128, 2),  # Tiny test variant (not in big_vision).
@@ -94,70 +96,6 @@ class Patchify(nn.Module):
     flat_kernel = jnp.reshape(kernel, (ph * pw * c, self.width))
     out = jnp.einsum("nhwk,kd->nhwd", patches.astype(dtype), flat_kernel.astype(dtype))
     return out + bias.astype(dtype)
-
-
-def xla_attention(query, key, value, mask=None, dtype=None):
-  """`jax.nn.dot_product_attention` with flax's `attention_fn` signature.
-
-  Same math as flax's default (softmax(q k^T / sqrt(d)) v); lets XLA pick a fused
-  kernel (cuDNN flash attention on GPU). Params are untouched, so names are kept.
-  """
-  if dtype is not None:
-    query, key, value = (t.astype(dtype) for t in (query, key, value))
-  return jax.nn.dot_product_attention(query, key, value, mask=mask)
-
-
-def blocked_attention(query, key, value, mask=None, dtype=None):
-  """Attention computed one (example, head) slice at a time, rematerialised.
-
-  Same math as flax's default. On CPU the full (batch, heads, N, N) score tensor
-  does not fit in cache (78 MB for Ti/8 at batch 8) and the step becomes memory
-  bound; one (N, N) slice does, and recomputing it in the backward pass (instead of
-  storing all probabilities) is ~3x faster at 900 tokens and uses less memory.
-  Serialises small matmuls, so prefer "flax"/"xla" on GPU/TPU ("auto" does that).
-  """
-  if mask is not None:
-    return nn.dot_product_attention(query, key, value, mask=mask, dtype=dtype)
-  if dtype is not None:
-    query, key, value = (t.astype(dtype) for t in (query, key, value))
-  b, n, h, d = query.shape
-  query = query / jnp.sqrt(d).astype(query.dtype)
-
-  def heads_first(t):
-    return jnp.transpose(t, (0, 2, 1, 3)).reshape(b * h, t.shape[1], d)
-
-  @jax.checkpoint
-  def one(qkv):
-    q, k, v = qkv
-    return jax.nn.softmax(q @ k.T, axis=-1) @ v
-
-  out = jax.lax.map(one, (heads_first(query), heads_first(key), heads_first(value)))
-  return jnp.transpose(out.reshape(b, h, n, d), (0, 2, 1, 3))
-
-
-_BLOCKED_MIN_SCORES = 256 * 256  # Below this many scores per head flax's is as fast.
-
-
-def auto_attention(query, key, value, mask=None, dtype=None):
-  """The fastest of the above for the backend and length, chosen at trace time."""
-  if jax.default_backend() != "cpu":
-    fn = xla_attention
-  elif query.shape[1] * key.shape[1] >= _BLOCKED_MIN_SCORES:
-    fn = blocked_attention
-  else:
-    fn = nn.dot_product_attention
-  return fn(query, key, value, mask=mask, dtype=dtype)
-
-
-_ATTENTION = {"flax": nn.dot_product_attention, "xla": xla_attention,
-              "blocked": blocked_attention, "auto": auto_attention}
-
-
-def attention_fn(name):
-  """'flax' (default, big_vision's), 'xla', 'blocked' or 'auto'; all the same math."""
-  if name not in _ATTENTION:
-    raise ValueError(f"unknown attention {name!r}; choose one of {sorted(_ATTENTION)}")
-  return _ATTENTION[name]
 
 
 class MlpBlock(nn.Module):
@@ -268,7 +206,10 @@ class _Model(nn.Module):
   pool_type: str = "gap"
   head_zeroinit: bool = True
   dropout: float = 0.0
-  remat: bool = False  # Rematerialise each block in the backward pass (less memory).
+  # Rematerialise each block in the backward pass. On XLA:CPU this lowers peak memory
+  # only together with scan=True (the unrolled recomputation gets hoisted); measured
+  # in docs/benchmarks.md.
+  remat: bool = False
   scan: bool = False  # nn.scan over blocks (faster compiles; see Encoder).
   dtype: Optional[str] = None  # Compute dtype, e.g. "bfloat16"; params stay float32.
   attention: str = "flax"  # "flax" (big_vision's), "xla", "blocked" or "auto" (fastest).

@@ -1,0 +1,49 @@
+"""Peak memory of a FunMatch distillation step, from XLA's memory analysis.
+
+ViT-B/8 teacher (224px, forward only) + FlexiViT-B student at a given patch size
+(240px), Adam. Nothing is allocated: params are `jax.eval_shape`d and the step is
+only compiled. Used by `benchmarks/perf.py --sections memory`.
+"""
+import jax
+import jax.numpy as jnp
+import optax
+
+from flexi import vit
+
+RES = 240
+
+
+def _distill_step(teacher, student, tx, patch):
+  def step(t_params, s_params, opt_state, t_images, s_images):
+    t_logits, _ = teacher.apply({"params": t_params}, t_images)
+    t_logits = jax.lax.stop_gradient(t_logits)
+
+    def loss_fn(p):
+      s_logits, _ = student.apply({"params": p}, s_images, patch_size=patch, train=True)
+      kl = jax.nn.softmax(t_logits) * (jax.nn.log_softmax(t_logits)
+                                       - jax.nn.log_softmax(s_logits))
+      return kl.sum(-1).mean()
+    loss, grads = jax.value_and_grad(loss_fn)(s_params)
+    updates, opt_state = tx.update(grads, opt_state, s_params)
+    return optax.apply_updates(s_params, updates), opt_state, loss
+  return step
+
+
+def distill_memory(batch, patch, teacher="B/8", student="B", **student_kw):
+  """Peak/temp/argument bytes of one compiled distillation step."""
+  teacher = vit.Model(1000, variant=teacher, posemb_size=28, pool_type="tok")
+  student = vit.Model(1000, variant=student, pool_type="tok", **student_kw)
+  tx = optax.adam(1e-3)
+  rng = jax.random.PRNGKey(0)
+  t_params = jax.eval_shape(teacher.init, rng, jnp.zeros((1, 224, 224, 3)))["params"]
+  s_params = jax.eval_shape(student.init, rng, jnp.zeros((1, RES, RES, 3)))["params"]
+  opt_state = jax.eval_shape(tx.init, s_params)
+  step = jax.jit(_distill_step(teacher, student, tx, (patch, patch)), donate_argnums=(1, 2))
+  compiled = step.lower(t_params, s_params, opt_state,
+                        jax.ShapeDtypeStruct((batch, 224, 224, 3), jnp.float32),
+                        jax.ShapeDtypeStruct((batch, RES, RES, 3), jnp.float32)).compile()
+  mem = compiled.memory_analysis()
+  peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+          - mem.alias_size_in_bytes)
+  return dict(peak_bytes=peak, temp_bytes=mem.temp_size_in_bytes,
+              argument_bytes=mem.argument_size_in_bytes)
