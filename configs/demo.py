@@ -63,8 +63,8 @@ def get_config(arg=None):
 
   split = "test" if not a.runlocal else "test[:32]"
   # At the end: every patch size in one pass over the test split (fixed-patch runs too),
-  # with GFLOPs/image; writes WORKDIR/sweep.json and sweep.png.
+  # with GFLOPs/image; writes WORKDIR/test_sweep.json and test_sweep.png.
   c.evals = dict(test=dict(type="sweep", data=dict(name=data, split=split), pp_fn=pp_eval,
                            patch_sizes=sizes, batch_size=200 if not a.runlocal else 16,
-                           out_name="sweep", plot=not a.runlocal))
+                           out_name="test_sweep", plot=not a.runlocal))
   return c

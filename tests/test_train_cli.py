@@ -16,7 +16,8 @@ def test_demo_runlocal_cli(tmp_path, capsys):
   assert "| test | 8 |" in out and "| test | 16 |" in out
   rows = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
   evals = [r for r in rows if "test/patch_size=8/prec@1" in r]
-  assert [r["step"] for r in evals] == [2, 4]  # log_percent=50, and at the end.
+  assert [r["step"] for r in evals] == [4]  # The demo's sweep runs at the end only.
+  assert (workdir / "test_sweep.json").exists()
   assert 0.0 <= evals[-1]["test/patch_size=16/prec@1"] <= 1.0
   # Rerunning the finished workdir resumes at the end: nothing is retrained.
   again = train.main(argv)
