@@ -14,7 +14,7 @@ from flexi import config as config_lib
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, runlocal=False, res=96, steps=1500, batch=64, fixed=0,
+  a = config_lib.parse_arg(arg, runlocal=False, res=96, steps=3000, batch=64, fixed=0,
                            width=64, depth=2, heads=4, pool="gap", lr=2e-3,
                            data="fine_shapes/96", curriculum=1)
   c = ml_collections.ConfigDict()

@@ -32,7 +32,11 @@ def main(make_trainer, argv, schema=None):
   config = config_lib.load(path, overrides, schema=schema)
   t0 = time.perf_counter()
   result = train_loop.train_and_evaluate(config, args.workdir, make_trainer(config))
-  table = logging_utils.eval_table(result.eval_metrics)
+  # Sweep evaluators print their own (richer) table; list the rest here.
+  own_table = {name for name, ev in config.evals.items()
+               if ev.get("type") == "sweep" and ev.get("verbose", True)}
+  table = logging_utils.eval_table({k: v for k, v in result.eval_metrics.items()
+                                    if k.split("/")[0] not in own_table})
   import jax  # pylint: disable=import-outside-toplevel
   if jax.process_index() == 0:
     if table:

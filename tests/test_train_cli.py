@@ -12,8 +12,10 @@ def test_demo_runlocal_cli(tmp_path, capsys):
   result = train.main(argv)
   out = capsys.readouterr().out
   assert result.step == 4
-  assert "| eval | patch_size | prec@1 | loss |" in out
-  assert "| test | 8 |" in out and "| test | 16 |" in out
+  # The sweep's table (printed once: the generic table skips evaluators with their own).
+  assert out.count("| patch | tokens | prec@1 | loss | GFLOPs/img | img/s |") == 1
+  assert "| eval | patch_size |" not in out
+  assert "\n| 8 | 16 |" in out and "\n| 16 | 4 |" in out  # 32px: 4x4 and 2x2 tokens.
   rows = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
   evals = [r for r in rows if "test/patch_size=8/prec@1" in r]
   assert [r["step"] for r in evals] == [4]  # The demo's sweep runs at the end only.
