@@ -49,6 +49,24 @@ class EvalContext:
   workdir: Optional[str] = None
 
 
+def global_eval_batches(data, pp_fn, batch_size, ctx: EvalContext):
+  """One padded pass over an eval split as global sharded arrays (`_mask` marks real rows).
+
+  Shared by every evaluator that reads data: each process reads its own shard,
+  non-numeric features (e.g. strings) are dropped, batches are assembled over the mesh.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import input_pipeline  # pylint: disable=import-outside-toplevel
+  from flexi import sharding  # pylint: disable=import-outside-toplevel
+  ds, _ = input_pipeline.build_eval_dataset(
+      data, pp_fn, batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  for b in ds.as_numpy_iterator():
+    b = {k: np.asarray(v) for k, v in b.items() if np.asarray(v).dtype != object}
+    yield sharding.to_global(b, ctx.mesh, ctx.batch_axes)
+
+
 # Modules whose evaluators are registered on first lookup (add new ones here).
 BUILTIN_MODULES = ["evaluators.classification", "evaluators.sweep", "evaluators.timing",
                    "evaluators.distance", "evaluators.retrieval"]

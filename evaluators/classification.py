@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import evaluators
 from evaluators import register
 from flexi import losses, sharding
 
@@ -63,13 +64,7 @@ class Evaluator:
     cls.pred_names(kwargs.get("pred"), kwargs.get("preds"), predict_fns)
 
   def _batches(self):
-    import input_pipeline  # pylint: disable=import-outside-toplevel
-    ds, _ = input_pipeline.build_eval_dataset(
-        self.data, self.pp_fn, self.batch_size,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    for b in ds:
-      b = {k: np.asarray(v) for k, v in b.items() if np.asarray(v).dtype != object}
-      yield sharding.to_global(b, self.ctx.mesh, self.ctx.batch_axes)
+    return evaluators.global_eval_batches(self.data, self.pp_fn, self.batch_size, self.ctx)
 
   def run(self, variables):
     totals = {n: np.zeros(3) for n in self.names}

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import evaluators
 from evaluators import register
 from flexi import sharding
 
@@ -153,13 +154,7 @@ class Evaluator:
     cls.student_names(kwargs.get("pred"), kwargs.get("preds"), predict_fns)
 
   def _batches(self):
-    import input_pipeline  # pylint: disable=import-outside-toplevel
-    ds, _ = input_pipeline.build_eval_dataset(
-        self.data, self.pp_fn, self.batch_size,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    for b in ds:
-      b = {k: np.asarray(v) for k, v in b.items() if np.asarray(v).dtype != object}
-      yield sharding.to_global(b, self.ctx.mesh, self.ctx.batch_axes)
+    return evaluators.global_eval_batches(self.data, self.pp_fn, self.batch_size, self.ctx)
 
   def run(self, variables):
     totals, count = np.zeros((len(self.names), len(self.dist_names))), 0.0

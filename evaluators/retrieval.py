@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import evaluators
 from evaluators import classification, register
 from flexi import sharding
 
@@ -92,13 +93,7 @@ class _Base:
     classification.Evaluator.pred_names(kwargs.get("pred"), kwargs.get("preds"), predict_fns)
 
   def _batches(self):
-    import input_pipeline.pipeline as pipeline  # pylint: disable=import-outside-toplevel
-    ds, _ = pipeline.build_eval_dataset(
-        self.data, self.pp_fn, self.batch_size,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    for b in ds.as_numpy_iterator():
-      b = {k: np.asarray(v) for k, v in b.items() if np.asarray(v).dtype != object}
-      b = sharding.to_global(b, self.ctx.mesh, self.ctx.batch_axes)
+    for b in evaluators.global_eval_batches(self.data, self.pp_fn, self.batch_size, self.ctx):
       yield _to_host(b["_mask"]).astype(bool), b
 
   def _metric(self, name, metric):
