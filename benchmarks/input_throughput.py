@@ -2,13 +2,15 @@
 
 Prints images/s of: raw TFDS reading, decode only, and the full distillation pp
 (two copies: 240px student + 224px teacher), on the offline `fine_shapes/240`
-data (built on first use). `--step_rate` adds a hook: pass images/s of a train
-step measured elsewhere to print which side bounds training. Timings are printed,
-never asserted.
+data (built on first use), then, in the same run, the train-step images/s of
+FlexiViT-S at 240px averaged over its 10 patch sizes (`--step_setup`, or pass
+`--step_rate` measured elsewhere), and says which side bounds training. Timings
+are printed, never asserted.
 
-  python benchmarks/input_throughput.py [--data fine_shapes/240] [--batch 64]
+  python -m benchmarks.input_throughput [--data fine_shapes/240] [--batch 64]
 """
 import argparse
+import tempfile
 import os
 import sys
 import time
@@ -42,6 +44,17 @@ def measure(data, pp, batch, seconds, data_dir):
   return n / (time.perf_counter() - t0)
 
 
+def measure_step_rate(setup, batch, n_steps=2):
+  """Train-step images/s of a model, averaged over its patch-size distribution."""
+  from benchmarks import train_step  # pylint: disable=import-outside-toplevel
+  config = train_step.load_setup(setup, batch)
+  state = train_step.build(config, tempfile.mkdtemp(prefix="flexi_input_bench_"))
+  per_step = train_step.time_steps(state, config, n_steps)
+  sampler = state["sampler"]
+  mean_t = sum(p * per_step[v] for v, p in zip(sampler.values, sampler.mean_probs()))
+  return batch / mean_t
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--data", default="fine_shapes/240")
@@ -49,7 +62,11 @@ def main():
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--seconds", type=float, default=8.0)
   p.add_argument("--step_rate", type=float, default=None,
-                 help="train-step images/s measured for a model, for comparison")
+                 help="train-step images/s measured elsewhere, for comparison")
+  p.add_argument("--step_setup", default="vit_s240",
+                 help="benchmarks.train_step setup whose step rate (mean over its sampled "
+                      "patch sizes) is measured in this run; '' to skip")
+  p.add_argument("--step_batch", type=int, default=8)
   args = p.parse_args()
   ip.get_builder(args.data, args.data_dir)  # Build offline data before timing.
   print(f"data={args.data} batch={args.batch} cpus={os.cpu_count()}")
@@ -58,10 +75,14 @@ def main():
   for name, pp in CASES:
     rates[name] = measure(args.data, pp, args.batch, args.seconds, args.data_dir)
     print(f"{name:40s} {rates[name]:10.1f}")
+  label = "train step (given)"
+  if args.step_setup and not args.step_rate:
+    args.step_rate = measure_step_rate(args.step_setup, args.step_batch)
+    label = f"train step ({args.step_setup}, batch {args.step_batch})"
   if args.step_rate:
     full = rates[CASES[-1][0]]
     bound = "input" if full < args.step_rate else "compute"
-    print(f"{'train step (given)':40s} {args.step_rate:10.1f}   -> {bound}-bound "
+    print(f"{label:40s} {args.step_rate:10.1f}   -> {bound}-bound "
           f"(input/step = {full / args.step_rate:.2f})")
 
 
