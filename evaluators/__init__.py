@@ -49,6 +49,19 @@ class EvalContext:
   workdir: Optional[str] = None
 
 
+def select_predict_fns(pred, preds, predict_fns, evaluator: str):
+  """Names of the predict fns an evaluator runs: `pred`, `preds`, or every flexi one."""
+  if pred is not None and preds is not None:
+    raise ValueError(f"{evaluator} evaluator: set `pred` or `preds`, not both")
+  names = [pred] if pred is not None else list(preds or getattr(
+      predict_fns, "flexi_names", [n for n in predict_fns if n != "predict"]))
+  for n in names:
+    if n not in predict_fns:
+      raise ValueError(f"{evaluator} evaluator: unknown predict fn {n!r}; "
+                       f"known: {sorted(predict_fns)}")
+  return names
+
+
 def global_eval_batches(data, pp_fn, batch_size, ctx: EvalContext):
   """One padded pass over an eval split as global sharded arrays (`_mask` marks real rows).
 

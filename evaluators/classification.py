@@ -47,14 +47,7 @@ class Evaluator:
 
   @staticmethod
   def pred_names(pred, preds, predict_fns):
-    if pred is not None and preds is not None:
-      raise ValueError("classification evaluator: set `pred` or `preds`, not both")
-    names = [pred] if pred is not None else list(preds or getattr(
-        predict_fns, "flexi_names", [n for n in predict_fns if n != "predict"]))
-    for n in names:
-      if n not in predict_fns:
-        raise ValueError(f"unknown predict fn {n!r}; known: {sorted(predict_fns)}")
-    return names
+    return evaluators.select_predict_fns(pred, preds, predict_fns, "classification")
 
   @classmethod
   def validate(cls, name, kwargs, predict_fns):

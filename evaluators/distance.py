@@ -130,15 +130,7 @@ class Evaluator:
 
   @staticmethod
   def student_names(pred, preds, predict_fns):
-    if pred is not None and preds is not None:
-      raise ValueError("distance evaluator: set `pred` or `preds`, not both")
-    names = [pred] if pred is not None else list(preds or getattr(
-        predict_fns, "flexi_names", [n for n in predict_fns if n != "predict"]))
-    for n in names:
-      if n not in predict_fns:
-        raise ValueError(f"distance evaluator: unknown predict fn {n!r}; "
-                         f"known: {sorted(predict_fns)}")
-    return names
+    return evaluators.select_predict_fns(pred, preds, predict_fns, "distance")
 
   @classmethod
   def validate(cls, name, kwargs, predict_fns):
