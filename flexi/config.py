@@ -91,6 +91,7 @@ def base_defaults() -> dict:
           fsdp_axis="data",              # Axis used by the 'fsdp' rule.
       ),
       compilation_cache_dir="~/.cache/flexi/jax_cache",  # None/'' disables the persistent cache.
+      executable_cache=True,        # Also keep compiled steps there: a restart skips tracing.
       xla_compiler_options={},      # (open) e.g. {"xla_backend_optimization_level": 0} (fast compiles).
       debug=dict(check_finite_every=0),  # >0: also check the loss for NaN every N steps.
   )

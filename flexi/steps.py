@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from flexi import sharding
+from flexi import exec_cache, sharding
 
 
 def make_train_step(trainer, tx, lr_fn, *, seed: int):
@@ -43,19 +43,35 @@ def jit_step(step_fn, mesh, p_sh, o_sh, consts):
 
 
 def compile_all(build, sampler, params, opt_state, consts, batch_spec, mesh, p_sh, o_sh,
-                compiler_options=None):
-  """AOT-compiles the step for every configured value. Returns ({v: compiled}, {v: sec})."""
+                compiler_options=None, cache=None, cache_context=""):
+  """AOT-compiles the step for every configured value. Returns ({v: compiled}, {v: sec}).
+
+  With `cache` (an `exec_cache.ExecutableCache`) a value whose executable is on disk
+  is loaded without tracing; `cache_context` is everything else that decides the
+  program (the config, the schedule lengths) as text.
+  """
   if sampler is None:
     return {}, {}
   args = (_abstract(params, p_sh), _abstract(opt_state, o_sh),
           None if consts is None else _abstract(consts, jax.tree.map(lambda x: x.sharding,
                                                                        consts)),
           batch_spec, jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh)))
+  compiled, secs, keys = {}, {}, {}
+  for value in sampler.values:
+    if cache is not None:
+      t0 = time.perf_counter()
+      keys[value] = exec_cache.step_key(config_json=cache_context, value=value,
+                                        abstract_args=args, compiler_options=compiler_options)
+      hit = cache.get(keys[value])
+      if hit is not None:
+        compiled[value], secs[value] = hit, time.perf_counter() - t0
   # Trace/lower one after another (Python, holds the GIL), then let XLA compile all
   # sizes at once on a thread pool: XLA releases the GIL, so on a many-core host the
   # time until every size is ready is close to the slowest single compile.
-  lowered, secs = {}, {}
+  lowered = {}
   for value in sampler.values:
+    if value in compiled:
+      continue
     t0 = time.perf_counter()
     lowered[value] = jit_step(build(sampler.kwargs(value)), mesh, p_sh, o_sh, consts).lower(
         *args)
@@ -69,6 +85,9 @@ def compile_all(build, sampler, params, opt_state, consts, batch_spec, mesh, p_s
   workers = max(1, min(len(lowered), os.cpu_count() or 1))
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
     results = dict(zip(lowered, pool.map(timed_compile, lowered)))
-  compiled = {v: fn for v, (fn, _) in results.items()}
-  secs = {v: secs[v] + sec for v, (_, sec) in results.items()}
-  return compiled, secs
+  for value, (fn, sec) in results.items():
+    compiled[value] = fn
+    secs[value] += sec
+    if cache is not None:
+      cache.put(keys[value], fn)
+  return {v: compiled[v] for v in sampler.values}, {v: secs[v] for v in sampler.values}

@@ -7,6 +7,7 @@ NaN checks, checkpoints, logging and evaluators.
 """
 import dataclasses
 import itertools
+import json
 import os
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -16,7 +17,7 @@ import numpy as np
 
 import evaluators as evaluators_lib
 from flexi import ckpt_manager, data_source, durations, logging_utils, optim
-from flexi import patch_sampler, sharding, steps
+from flexi import exec_cache, patch_sampler, sharding, steps
 from flexi import config as config_lib
 
 
@@ -107,6 +108,26 @@ def setup_compilation_cache(cache_dir: Optional[str]):
     compilation_cache.reset_cache()
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def _executable_cache(config):
+  """Compiled steps on disk next to JAX's cache (config.executable_cache)."""
+  if not (config.compilation_cache_dir and config.executable_cache):
+    return None
+  return exec_cache.ExecutableCache(
+      os.path.join(os.path.expanduser(config.compilation_cache_dir), "executables"))
+
+
+def _program_context(config, trainer, dur):
+  """What decides the step program besides its arguments: config, trainer, schedule."""
+  loss = getattr(trainer.loss_fn, "func", trainer.loss_fn)  # Unwrap a functools.partial.
+  name = f"{getattr(loss, '__module__', '')}.{getattr(loss, '__qualname__', repr(loss))}"
+  program = config.copy_and_resolve_references()
+  with program.unlocked():
+    del program["compilation_cache_dir"], program["executable_cache"]  # Where, not what.
+  return json.dumps(dict(config=program.to_json_best_effort(sort_keys=True), durations=dur,
+                         trainer=name),
+                    sort_keys=True, default=str)
 
 
 def default_load_pretrained(params, config):
@@ -222,7 +243,8 @@ def _run(config, workdir, trainer, data, dur, sampler, mesh, batch_axes, shard, 
   t0 = time.perf_counter()
   compiled, compile_secs = steps.compile_all(
       step_fn, sampler if start < total else None, params, opt_state, consts, batch_spec,
-      mesh, p_sh, o_sh, dict(config.xla_compiler_options))
+      mesh, p_sh, o_sh, dict(config.xla_compiler_options), cache=_executable_cache(config),
+      cache_context=_program_context(config, trainer, dur))
   for v, sec in compile_secs.items():
     writer.info(f"compiled {sampler.kind}={v} in {sec:.2f}s")
   if compile_secs:

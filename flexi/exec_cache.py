@@ -1,0 +1,108 @@
+"""On-disk cache of compiled step executables, so a restart skips tracing too.
+
+JAX's persistent compilation cache skips XLA's compile but still traces and lowers
+every step function in Python (most of a warm start for a flexible model: one
+program per patch size). This cache stores the whole compiled executable
+(`jax.experimental.serialize_executable`) under a key computed WITHOUT tracing:
+everything that decides the program — the config, the abstract arguments (shapes,
+dtypes, shardings), the patch-size value, the compiler options and XLA_FLAGS, the
+versions of jax/jaxlib/flax/optax, the devices, and a hash of this codebase's
+Python source. Change any of them and the key changes; a file that cannot be read
+back is recompiled and overwritten, never trusted half-way.
+
+Only load executables you wrote yourself: unpickling one can run arbitrary code.
+"""
+import functools
+import hashlib
+import importlib.metadata
+import json
+import os
+import pickle
+import tempfile
+from typing import Any, Optional
+
+import jax
+from jax.experimental import serialize_executable
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SOURCE_DIRS = ("flexi", "trainers", "evaluators")
+_PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "ml_collections")
+
+
+@functools.lru_cache(maxsize=None)
+def source_fingerprint(root: str = _ROOT, dirs=_SOURCE_DIRS) -> str:
+  """sha256 over the codebase's .py files (path and content): code edits change it."""
+  h = hashlib.sha256()
+  for d in dirs:
+    for base, subdirs, files in sorted(os.walk(os.path.join(root, d))):
+      subdirs.sort()
+      for name in sorted(files):
+        if name.endswith(".py"):
+          path = os.path.join(base, name)
+          h.update(os.path.relpath(path, root).encode())
+          with open(path, "rb") as f:
+            h.update(f.read())
+  return h.hexdigest()
+
+
+def _versions():
+  out = {}
+  for pkg in _PACKAGES:
+    try:
+      out[pkg] = importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+      out[pkg] = None
+  return out
+
+
+def _describe(x):
+  """Stable text for an abstract argument leaf (shape, dtype, sharding)."""
+  if hasattr(x, "shape") and hasattr(x, "dtype"):
+    return f"{tuple(x.shape)}:{x.dtype}:{getattr(x, 'sharding', None)}"
+  return repr(x)
+
+
+def step_key(*, config_json: str, value: Any, abstract_args, compiler_options) -> str:
+  """The cache key of one step executable (see module docstring)."""
+  leaves, treedef = jax.tree_util.tree_flatten(abstract_args)
+  parts = dict(
+      config=config_json, value=repr(value), args=[_describe(x) for x in leaves],
+      tree=str(treedef), compiler_options=sorted((compiler_options or {}).items()),
+      xla_flags=os.environ.get("XLA_FLAGS", ""), versions=_versions(),
+      devices=[(d.platform, d.device_kind, d.id, d.process_index) for d in jax.devices()],
+      process=(jax.process_index(), jax.process_count()), source=source_fingerprint())
+  return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class ExecutableCache:
+  """`get(key)` -> compiled or None; `put(key, compiled)`. Writes are atomic."""
+
+  def __init__(self, directory: str):
+    self.directory = os.path.expanduser(directory)
+    os.makedirs(self.directory, exist_ok=True)
+
+  def _path(self, key):
+    return os.path.join(self.directory, f"{key}.exe")
+
+  def get(self, key) -> Optional[jax.stages.Compiled]:
+    path = self._path(key)
+    if not os.path.exists(path):
+      return None
+    try:
+      with open(path, "rb") as f:
+        payload, in_tree, out_tree = pickle.load(f)
+      return serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+    except Exception:  # pylint: disable=broad-except
+      return None  # Truncated, from another build, ...: compile again and overwrite.
+
+  def put(self, key, compiled) -> bool:
+    """Stores `compiled`; False if this executable cannot be serialized."""
+    try:
+      blob = pickle.dumps(serialize_executable.serialize(compiled))
+    except (ValueError, NotImplementedError, TypeError, pickle.PicklingError):
+      return False
+    fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+      f.write(blob)
+    os.replace(tmp, self._path(key))
+    return True
