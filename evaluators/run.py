@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 import evaluators as evaluators_lib
-from flexi import ckpt_manager, checkpoint, distributed, logging_utils, patch_sampler
+from flexi import ckpt_manager, checkpoint, cli, distributed, patch_sampler
 from flexi import sharding, train_loop
 from flexi import config as config_lib
 
@@ -176,8 +176,9 @@ def main(argv=None):
     print(f"error: {e}", file=sys.stderr)
     return 2
   if jax.process_index() == 0:
-    table = logging_utils.eval_table(results)
-    print(table or "\n".join(f"{k}: {float(v):.4f}" for k, v in sorted(results.items())))
+    table = cli.summary_table(config, results)
+    if table:
+      print(table)
   return 0
 
 

@@ -24,6 +24,16 @@ def parse(argv):
   return path, overrides, args
 
 
+def summary_table(config, metrics):
+  """The final eval table (or one metric per line), minus sweep evaluators: they
+  print their own, richer table."""
+  own_table = {name for name, ev in config.evals.items()
+               if ev.get("type") == "sweep" and ev.get("verbose", True)}
+  rest = {k: v for k, v in metrics.items() if k.split("/")[0] not in own_table}
+  return logging_utils.eval_table(rest) or "\n".join(
+      f"{k}: {float(v):.4f}" for k, v in sorted(rest.items()))
+
+
 def main(make_trainer, argv, schema=None):
   """Parses argv, initialises multi-host, trains, prints the eval table."""
   from flexi import train_loop  # pylint: disable=import-outside-toplevel
@@ -32,11 +42,7 @@ def main(make_trainer, argv, schema=None):
   config = config_lib.load(path, overrides, schema=schema)
   t0 = time.perf_counter()
   result = train_loop.train_and_evaluate(config, args.workdir, make_trainer(config))
-  # Sweep evaluators print their own (richer) table; list the rest here.
-  own_table = {name for name, ev in config.evals.items()
-               if ev.get("type") == "sweep" and ev.get("verbose", True)}
-  table = logging_utils.eval_table({k: v for k, v in result.eval_metrics.items()
-                                    if k.split("/")[0] not in own_table})
+  table = summary_table(config, result.eval_metrics)
   import jax  # pylint: disable=import-outside-toplevel
   if jax.process_index() == 0:
     if table:

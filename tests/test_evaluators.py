@@ -221,7 +221,9 @@ def test_eval_only_cli_on_demo_workdir(demo_workdir, tmp_path, capsys):
   workdir, trained, cache = demo_workdir
   assert run.main(DEMO + cache + [SWEEP, "--workdir", workdir]) == 0
   out = capsys.readouterr().out
-  assert "| sweep | 8 |" in out and "GFLOPs/img" in out
+  # Each sweep evaluator ("test", "sweep") prints its own table, once; no generic copy.
+  assert out.count("GFLOPs/img") == 2 and "| 32 | 1 |" in out
+  assert "| sweep |" not in out and "| test |" not in out
   got = json.load(open(os.path.join(workdir, "eval_results.json")))["metrics"]
   keys = [k for k in trained if k.endswith("/prec@1")]
   assert len(keys) >= 2
