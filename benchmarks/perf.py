@@ -119,12 +119,11 @@ def compile_all(model, tx, params, opt_state, batch, patches, threads, cache=Non
   step = jax.jit(reference.make_step(model, tx), static_argnums=(4,), donate_argnums=(0, 1))
   t0 = time.perf_counter()
   compiled, keys = {}, {}
-  for p in patches if cache is not None else ():
-    keys[p] = exec_cache.step_key(config_json=context, value=p, compiler_options=None,
-                                  abstract_args=(params, opt_state, *batch))
-    hit = cache.get(keys[p])
-    if hit is not None:
-      compiled[p] = hit
+  if cache is not None:
+    keys = {p: exec_cache.step_key(config_json=context, value=p, compiler_options=None,
+                                   abstract_args=(params, opt_state, *batch)) for p in patches}
+    hits = cache.get_many(keys.values())
+    compiled = {p: hits[k][0] for p, k in keys.items() if hits[k][0] is not None}
   with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
     # Trace/lower (GIL-bound) here while earlier sizes compile in the pool.
     futures = {p: pool.submit(step.lower(params, opt_state, *batch, (p, p)).compile)

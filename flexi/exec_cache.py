@@ -12,6 +12,7 @@ back is recompiled and overwritten, never trusted half-way.
 
 Only load executables you wrote yourself: unpickling one can run arbitrary code.
 """
+import concurrent.futures
 import functools
 import hashlib
 import importlib.metadata
@@ -19,6 +20,7 @@ import json
 import os
 import pickle
 import tempfile
+import time
 from typing import Any, Optional
 
 import jax
@@ -94,6 +96,19 @@ class ExecutableCache:
       return serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
     except Exception:  # pylint: disable=broad-except
       return None  # Truncated, from another build, ...: compile again and overwrite.
+
+  def get_many(self, keys) -> dict:
+    """{key: (compiled or None, seconds)}, loaded on a thread pool (linking releases
+    the GIL, so this scales with cores)."""
+    keys = list(keys)
+
+    def timed_get(key):
+      t0 = time.perf_counter()
+      out = self.get(key)
+      return out, time.perf_counter() - t0
+    workers = max(1, min(len(keys), os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+      return dict(zip(keys, pool.map(timed_get, keys)))
 
   def put(self, key, compiled) -> bool:
     """Stores `compiled`; False if this executable cannot be serialized."""

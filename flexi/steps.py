@@ -57,14 +57,14 @@ def compile_all(build, sampler, params, opt_state, consts, batch_spec, mesh, p_s
                                                                        consts)),
           batch_spec, jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh)))
   compiled, secs, keys = {}, {}, {}
-  for value in sampler.values:
-    if cache is not None:
-      t0 = time.perf_counter()
-      keys[value] = exec_cache.step_key(config_json=cache_context, value=value,
-                                        abstract_args=args, compiler_options=compiler_options)
-      hit = cache.get(keys[value])
-      if hit is not None:
-        compiled[value], secs[value] = hit, time.perf_counter() - t0
+  if cache is not None:
+    keys = {value: exec_cache.step_key(config_json=cache_context, value=value,
+                                       abstract_args=args, compiler_options=compiler_options)
+            for value in sampler.values}
+    hits = cache.get_many(keys.values())
+    for value, key in keys.items():
+      if hits[key][0] is not None:
+        compiled[value], secs[value] = hits[key]
   # Trace/lower one after another (Python, holds the GIL), then let XLA compile all
   # sizes at once on a thread pool: XLA releases the GIL, so on a many-core host the
   # time until every size is ready is close to the slowest single compile.

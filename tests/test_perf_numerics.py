@@ -80,8 +80,12 @@ def test_attention_impls_equal_default(setup, attention):
                              _logits(params, images), rtol=1e-5, atol=1e-5)
 
 
-def test_blocked_attention_equals_flax_with_gradients():
-  q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 33, 3, 8)) for i in range(3))
+@pytest.mark.parametrize("slices_per_block", [1, 4, 8])  # 4: 15 slices leave a remainder.
+def test_blocked_attention_equals_flax_with_gradients(monkeypatch, slices_per_block):
+  from flexi import attention  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(attention, "_BLOCK_BYTES", slices_per_block * 33 * 33 * 4)
+  assert attention._slices_per_block(33, 33, 4, 15) == slices_per_block  # pylint: disable=protected-access
+  q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (5, 33, 3, 8)) for i in range(3))
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   np.testing.assert_allclose(vit.blocked_attention(q, k, v), nn.dot_product_attention(q, k, v),
                              rtol=1e-5, atol=1e-6)
