@@ -27,7 +27,7 @@ import jax
 from jax.experimental import serialize_executable
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_SOURCE_DIRS = ("flexi", "trainers", "evaluators")
+_SOURCE_DIRS = ("flexi", "trainers", "evaluators", "input_pipeline")  # mixup runs in-step.
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "ml_collections")
 
 
