@@ -28,6 +28,8 @@ from jax.experimental import serialize_executable
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SOURCE_DIRS = ("flexi", "trainers", "evaluators", "input_pipeline")  # mixup runs in-step.
+_JAX_FLAGS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_default_prng_impl",
+              "jax_threefry_partitionable")  # They change what tracing produces.
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "ml_collections")
 
 
@@ -71,6 +73,7 @@ def step_key(*, config_json: str, value: Any, abstract_args, compiler_options) -
       config=config_json, value=repr(value), args=[_describe(x) for x in leaves],
       tree=str(treedef), compiler_options=sorted((compiler_options or {}).items()),
       xla_flags=os.environ.get("XLA_FLAGS", ""), versions=_versions(),
+      jax_flags=[str(getattr(jax.config, f, None)) for f in _JAX_FLAGS],
       devices=[(d.platform, d.device_kind, d.id, d.process_index) for d in jax.devices()],
       process=(jax.process_index(), jax.process_count()), source=source_fingerprint())
   return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
