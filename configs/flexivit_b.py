@@ -18,7 +18,8 @@ batch 1024 (as big_vision's i1k_deit3_distill.py).
 Args: data=i21k|i1k, variant=S|B|L, res=240, teacher=<path> (override the teacher
 checkpoint), runlocal (tiny student and teacher on the offline `fine_shapes/64`
 data; the teacher is the checkpoint of configs/teacher_demo.py, by default in
-workdirs/teacher), steps=<n> (runlocal length, default 2500). Its results:
+workdirs/teacher), steps=<n> (runlocal length, default 40000: 35 min here; 2500 for a
+3-minute check). Its results:
 docs/results_distill.md.
 
 Differences to big_vision: the teacher copy is resized with `key="prof"` (big_vision's
@@ -178,7 +179,7 @@ def _runlocal(c, a):
 
 def get_config(arg=None):
   a = config_lib.parse_arg(arg, runlocal=False, data="i21k", variant="B", res=240,
-                           teacher="", steps=2500)
+                           teacher="", steps=40000)
   if a.data not in ("i21k", "i1k"):
     raise config_lib.ConfigError(f"config arg data={a.data!r}: choose i21k or i1k")
   if a.variant not in DEIT3:
