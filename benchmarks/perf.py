@@ -126,7 +126,8 @@ def compile_all(model, tx, params, opt_state, batch, patches, threads, cache=Non
     compiled = {p: hits[k][0] for p, k in keys.items() if hits[k][0] is not None}
   with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
     # Trace/lower (GIL-bound) here while earlier sizes compile in the pool.
-    futures = {p: pool.submit(step.lower(params, opt_state, *batch, (p, p)).compile)
+    compile_fn = exec_cache.compile_for_cache if cache is not None else (lambda low: low.compile())
+    futures = {p: pool.submit(compile_fn, step.lower(params, opt_state, *batch, (p, p)))
                for p in patches if p not in compiled}
     for p, f in futures.items():
       compiled[p] = f.result()

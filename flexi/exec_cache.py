@@ -8,11 +8,14 @@ everything that decides the program — the config, the abstract arguments (shap
 dtypes, shardings), the patch-size value, the compiler options and XLA_FLAGS, the
 versions of jax/jaxlib/flax/optax, the devices, and a hash of this codebase's
 Python source. Change any of them and the key changes; a file that cannot be read
-back is recompiled and overwritten, never trusted half-way.
+back is recompiled, never trusted half-way. Executables are only stored by a process
+that has not loaded any (see the jaxlib note below): in practice the first start of a
+configuration stores, every later start loads.
 
 Only load executables you wrote yourself: unpickling one can run arbitrary code.
 """
 import concurrent.futures
+import contextlib
 import functools
 import hashlib
 import importlib.metadata
@@ -20,10 +23,12 @@ import json
 import os
 import pickle
 import tempfile
+import threading
 import time
 from typing import Any, Optional
 
 import jax
+from jax._src import config as jax_config  # Thread-local switch for the persistent cache.
 from jax.experimental import serialize_executable
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,6 +84,40 @@ def step_key(*, config_json: str, value: Any, abstract_args, compiler_options) -
   return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+# Known jaxlib issue (0.10.2, CPU): once a process has LOADED any executable (a hit in
+# JAX's persistent cache, or `get` below), executables it compiles afterwards serialise
+# without the kernels they share by name with the loaded ones, and fail when reloaded
+# elsewhere ("Function copy_bitcast_fusion.N not found"). So `put` only stores from a
+# process that has loaded nothing, and `fresh_compiles()` keeps JAX's persistent cache
+# out of the way while the training loop builds its state and compiles its steps.
+_PROCESS_LOADED_EXECUTABLES = threading.Event()
+
+
+def _on_jax_event(event, **kwargs):
+  del kwargs
+  if event == "/jax/compilation_cache/cache_hits":
+    _PROCESS_LOADED_EXECUTABLES.set()
+
+
+jax.monitoring.register_event_listener(_on_jax_event)
+
+
+def can_store() -> bool:
+  """False once this process has loaded an executable (see the note above)."""
+  return not _PROCESS_LOADED_EXECUTABLES.is_set()
+
+
+def fresh_compiles(enabled: bool = True):
+  """Context (thread-local): compiles skip JAX's persistent cache, so they stay storable."""
+  return jax_config.enable_compilation_cache(False) if enabled else contextlib.nullcontext()
+
+
+def compile_for_cache(lowered, compiler_options=None):
+  """`lowered.compile(...)` by XLA itself, never a persistent-cache hit (see above)."""
+  with fresh_compiles():
+    return lowered.compile(compiler_options=compiler_options or None)
+
+
 class ExecutableCache:
   """`get(key)` -> compiled or None; `put(key, compiled)`. Writes are atomic."""
 
@@ -96,9 +135,11 @@ class ExecutableCache:
     try:
       with open(path, "rb") as f:
         payload, in_tree, out_tree = pickle.load(f)
-      return serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+      out = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
     except Exception:  # pylint: disable=broad-except
       return None  # Truncated, from another build, ...: compile again and overwrite.
+    _PROCESS_LOADED_EXECUTABLES.set()
+    return out
 
   def get_many(self, keys) -> dict:
     """{key: (compiled or None, seconds)}, loaded on a thread pool (linking releases
@@ -114,7 +155,9 @@ class ExecutableCache:
       return dict(zip(keys, pool.map(timed_get, keys)))
 
   def put(self, key, compiled) -> bool:
-    """Stores `compiled`; False if this executable cannot be serialized."""
+    """Stores `compiled`; False if it cannot be serialized or stored safely."""
+    if not can_store():
+      return False
     try:
       blob = pickle.dumps(serialize_executable.serialize(compiled))
     except (ValueError, NotImplementedError, TypeError, pickle.PicklingError):

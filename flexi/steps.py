@@ -79,7 +79,10 @@ def compile_all(build, sampler, params, opt_state, consts, batch_spec, mesh, p_s
 
   def timed_compile(value):
     t0 = time.perf_counter()
-    out = lowered[value].compile(compiler_options=compiler_options or None)
+    if cache is not None:  # What is stored must be a complete, freshly compiled program.
+      out = exec_cache.compile_for_cache(lowered[value], compiler_options)
+    else:
+      out = lowered[value].compile(compiler_options=compiler_options or None)
     return out, time.perf_counter() - t0
 
   workers = max(1, min(len(lowered), os.cpu_count() or 1))

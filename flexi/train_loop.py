@@ -219,6 +219,19 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer, *,
 
 
 def _run(config, workdir, trainer, data, dur, sampler, mesh, batch_axes, shard, ckpt, writer):
+  exe_cache = _executable_cache(config)
+  # Until the steps are compiled, keep JAX's persistent cache out if we may store them
+  # (exec_cache's jaxlib note: a process that loaded executables stores broken ones).
+  with exec_cache.fresh_compiles(exe_cache is not None):
+    state = _prepare(config, trainer, data, dur, sampler, mesh, batch_axes, shard, ckpt,
+                     writer, exe_cache)
+  return _loop(config, workdir, trainer, data, dur, sampler, mesh, batch_axes, ckpt,
+               writer, **state)
+
+
+def _prepare(config, trainer, data, dur, sampler, mesh, batch_axes, shard, ckpt, writer,
+             exe_cache):
+  """Data iterator, optimizer, params (init or resume) and the compiled steps."""
   total = dur["total"]
   # The data iterator starts where the checkpoint (if any) left off; its first batch
   # gives the shapes and is then put back in front.
@@ -243,7 +256,7 @@ def _run(config, workdir, trainer, data, dur, sampler, mesh, batch_axes, shard, 
   t0 = time.perf_counter()
   compiled, compile_secs = steps.compile_all(
       step_fn, sampler if start < total else None, params, opt_state, consts, batch_spec,
-      mesh, p_sh, o_sh, dict(config.xla_compiler_options), cache=_executable_cache(config),
+      mesh, p_sh, o_sh, dict(config.xla_compiler_options), cache=exe_cache,
       cache_context=_program_context(config, trainer, dur))
   for v, sec in compile_secs.items():
     writer.info(f"compiled {sampler.kind}={v} in {sec:.2f}s")
@@ -251,7 +264,16 @@ def _run(config, workdir, trainer, data, dur, sampler, mesh, batch_axes, shard, 
     writer.info(f"all {len(compile_secs)} step functions ready in "
                 f"{time.perf_counter() - t0:.1f}s (compiled in parallel)")
   writer.write(start, {f"compile_sec/{sampler.kind}={v}": s for v, s in compile_secs.items()})
+  return dict(first=first, local_iter=local_iter, batch_spec=batch_spec, params=params,
+              opt_state=opt_state, start=start, consts=consts, compiled=compiled,
+              compile_secs=compile_secs)
 
+
+def _loop(config, workdir, trainer, data, dur, sampler, mesh, batch_axes, ckpt, writer, *,
+          first, local_iter, batch_spec, params, opt_state, start, consts, compiled,
+          compile_secs):
+  """Steps, logging, checkpoints and evaluations until `total`."""
+  total = dur["total"]
   predict_fns = make_predict_fns(trainer, sampler)
   ctx = evaluators_lib.EvalContext(mesh, batch_axes, config.input.batch_size, workdir)
   evals = evaluators_lib.build_evaluators(
