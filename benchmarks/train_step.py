@@ -63,7 +63,7 @@ def build(config, cache_dir):
       jax.random.PRNGKey(0))
   opt_state = jax.jit(tx.init, out_shardings=o_sh)(params)
   build_fn = steps.make_train_step(trainer, tx, lr_fn, seed=0)
-  compiled, secs = steps.compile_all(build_fn, sampler, params, opt_state, None, batch_spec,
+  compiled, secs, _ = steps.compile_all(build_fn, sampler, params, opt_state, None, batch_spec,
                                      mesh, p_sh, o_sh, dict(config.xla_compiler_options))
   return dict(mesh=mesh, sampler=sampler, params=params, opt_state=opt_state,
               compiled=compiled, compile_secs=secs, res=res)

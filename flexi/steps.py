@@ -44,14 +44,16 @@ def jit_step(step_fn, mesh, p_sh, o_sh, consts):
 
 def compile_all(build, sampler, params, opt_state, consts, batch_spec, mesh, p_sh, o_sh,
                 compiler_options=None, cache=None, cache_context=""):
-  """AOT-compiles the step for every configured value. Returns ({v: compiled}, {v: sec}).
+  """AOT-compiles the step for every configured value.
+
+  Returns ({v: compiled}, {v: seconds}, {values loaded from the cache}).
 
   With `cache` (an `exec_cache.ExecutableCache`) a value whose executable is on disk
   is loaded without tracing; `cache_context` is everything else that decides the
   program (the config, the schedule lengths) as text.
   """
   if sampler is None:
-    return {}, {}
+    return {}, {}, set()
   args = (_abstract(params, p_sh), _abstract(opt_state, o_sh),
           None if consts is None else _abstract(consts, jax.tree.map(lambda x: x.sharding,
                                                                        consts)),
@@ -93,4 +95,6 @@ def compile_all(build, sampler, params, opt_state, consts, batch_spec, mesh, p_s
     secs[value] += sec
     if cache is not None:
       cache.put(keys[value], fn)
-  return {v: compiled[v] for v in sampler.values}, {v: secs[v] for v in sampler.values}
+  loaded = set(compiled) - set(results)
+  return ({v: compiled[v] for v in sampler.values}, {v: secs[v] for v in sampler.values},
+          loaded)

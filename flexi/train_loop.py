@@ -254,15 +254,17 @@ def _prepare(config, trainer, data, dur, sampler, mesh, batch_axes, shard, ckpt,
               f"{total} steps from {start}; {sampler.kind} in {sampler.values}")
   step_fn = steps.make_train_step(trainer, tx, lr_fn, seed=config.seed)
   t0 = time.perf_counter()
-  compiled, compile_secs = steps.compile_all(
+  compiled, compile_secs, loaded = steps.compile_all(
       step_fn, sampler if start < total else None, params, opt_state, consts, batch_spec,
       mesh, p_sh, o_sh, dict(config.xla_compiler_options), cache=exe_cache,
       cache_context=_program_context(config, trainer, dur))
   for v, sec in compile_secs.items():
-    writer.info(f"compiled {sampler.kind}={v} in {sec:.2f}s")
+    how = "loaded from the executable cache" if v in loaded else "compiled"
+    writer.info(f"{how} {sampler.kind}={v} in {sec:.2f}s")
   if compile_secs:
     writer.info(f"all {len(compile_secs)} step functions ready in "
-                f"{time.perf_counter() - t0:.1f}s (compiled in parallel)")
+                f"{time.perf_counter() - t0:.1f}s ({len(loaded)} loaded, "
+                f"{len(compile_secs) - len(loaded)} compiled in parallel)")
   writer.write(start, {f"compile_sec/{sampler.kind}={v}": s for v, s in compile_secs.items()})
   return dict(first=first, local_iter=local_iter, batch_spec=batch_spec, params=params,
               opt_state=opt_state, start=start, consts=consts, compiled=compiled,

@@ -67,11 +67,13 @@ def _no_tracing(*args, **kwargs):
   raise AssertionError("a step was traced although its executable is cached")
 
 
-def test_restart_loads_executables_without_tracing(tmp_path, first_run, monkeypatch):
+def test_restart_loads_executables_without_tracing(tmp_path, first_run, monkeypatch, capsys):
   cache_dir, first, files = first_run
   assert len(files) == 2  # Patch sizes 8 and 16.
   monkeypatch.setattr(steps, "jit_step", _no_tracing)
   _assert_params_equal(first, _run(tmp_path, cache_dir))
+  out = capsys.readouterr().out
+  assert out.count("loaded from the executable cache") == 2 and "(2 loaded, 0 compiled" in out
 
 
 def test_changed_config_compiles_new_executables(tmp_path, first_run, monkeypatch):
