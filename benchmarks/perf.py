@@ -13,7 +13,6 @@ time until all patch sizes are compiled), compile (scan vs loop), cache (persist
 compilation cache restart), memory (ViT-B/8 teacher + FlexiViT-B distillation step).
 """
 import argparse
-import concurrent.futures
 import json
 import os
 import platform
@@ -28,7 +27,7 @@ import numpy as np
 import optax
 
 from benchmarks import memory, reference
-from flexi import exec_cache, resize, vit
+from flexi import exec_cache, resize, steps, vit
 
 PATCHES = (48, 40, 30, 24, 20, 16, 15, 12, 10, 8)
 RES = 240
@@ -111,28 +110,15 @@ def _init_params(variant):
 
 def compile_all(model, tx, params, opt_state, batch, patches, threads, cache=None,
                 context=""):
-  """AOT-compiles our step for every patch size; lowering serially, XLA in threads.
-
-  With `cache` (flexi.exec_cache) sizes whose executable is on disk are loaded
-  instead, as the training loop does on a restart.
-  """
+  """Our step for every patch size, as the training loop gets it (steps.compile_or_load):
+  lowered serially, XLA in threads; with `cache` (flexi.exec_cache) loaded from disk."""
   step = jax.jit(reference.make_step(model, tx), static_argnums=(4,), donate_argnums=(0, 1))
   t0 = time.perf_counter()
-  compiled, keys = {}, {}
-  if cache is not None:
-    keys = {p: exec_cache.step_key(config_json=context, value=p, compiler_options=None,
-                                   abstract_args=(params, opt_state, *batch)) for p in patches}
-    hits = cache.get_many(keys.values())
-    compiled = {p: hits[k][0] for p, k in keys.items() if hits[k][0] is not None}
-  with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
-    # Trace/lower (GIL-bound) here while earlier sizes compile in the pool.
-    compile_fn = exec_cache.compile_for_cache if cache is not None else (lambda low: low.compile())
-    futures = {p: pool.submit(compile_fn, step.lower(params, opt_state, *batch, (p, p)))
-               for p in patches if p not in compiled}
-    for p, f in futures.items():
-      compiled[p] = f.result()
-      if cache is not None:
-        cache.put(keys[p], compiled[p])
+  compiled, _, _ = steps.compile_or_load(
+      patches, lambda p: step.lower(params, opt_state, *batch, (p, p)), cache=cache,
+      key=lambda p: exec_cache.step_key(config_json=context, value=p, compiler_options=None,
+                                        abstract_args=(params, opt_state, *batch)),
+      workers=max(1, threads))
   return compiled, time.perf_counter() - t0
 
 

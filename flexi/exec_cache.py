@@ -20,6 +20,7 @@ import functools
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import pickle
 import tempfile
@@ -136,8 +137,10 @@ class ExecutableCache:
       with open(path, "rb") as f:
         payload, in_tree, out_tree = pickle.load(f)
       out = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
-    except Exception:  # pylint: disable=broad-except
-      return None  # Truncated, from another build, ...: compile again and overwrite.
+    except Exception as e:  # pylint: disable=broad-except
+      # Truncated, from another jaxlib build, ...: the caller compiles instead.
+      logging.warning("executable cache: ignoring unreadable %s (%s)", path, e)
+      return None
     _PROCESS_LOADED_EXECUTABLES.set()
     return out
 
@@ -160,7 +163,9 @@ class ExecutableCache:
       return False
     try:
       blob = pickle.dumps(serialize_executable.serialize(compiled))
-    except (ValueError, NotImplementedError, TypeError, pickle.PicklingError):
+    except (ValueError, NotImplementedError, TypeError, pickle.PicklingError) as e:
+      # E.g. programs with closed-over constants: they still run, just uncached.
+      logging.warning("executable cache: cannot serialise %s (%s)", key, e)
       return False
     fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
     with os.fdopen(fd, "wb") as f:

@@ -42,11 +42,52 @@ def jit_step(step_fn, mesh, p_sh, o_sh, consts):
                  out_shardings=(p_sh, o_sh, rep), donate_argnums=(0, 1))
 
 
+def compile_or_load(values, lower, *, cache=None, key=None, compiler_options=None,
+                    workers=None):
+  """Compiled executables for `values`: loaded from `cache` where present, else
+  `lower(v)` (serially: tracing holds the GIL) and compiled on a thread pool while
+  the next value is being lowered (XLA releases the GIL), then stored in `cache`.
+
+  `key(v)` names v's executable in `cache` (see exec_cache.step_key).
+  Returns ({v: compiled}, {v: seconds}, {values loaded from the cache}).
+  """
+  compiled, secs = {}, {}
+  keys = {v: key(v) for v in values} if cache is not None else {}
+  if keys:
+    hits = cache.get_many(keys.values())
+    for v, k in keys.items():
+      if hits[k][0] is not None:
+        compiled[v], secs[v] = hits[k]
+  loaded = set(compiled)
+
+  def timed_compile(lowered):
+    t0 = time.perf_counter()
+    if cache is not None:  # What is stored must be a complete, freshly compiled program.
+      out = exec_cache.compile_for_cache(lowered, compiler_options)
+    else:
+      out = lowered.compile(compiler_options=compiler_options or None)
+    return out, time.perf_counter() - t0
+
+  todo = [v for v in values if v not in compiled]
+  workers = workers or max(1, min(len(todo), os.cpu_count() or 1))
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    futures = {}
+    for v in todo:
+      t0 = time.perf_counter()
+      lowered = lower(v)
+      secs[v] = time.perf_counter() - t0
+      futures[v] = pool.submit(timed_compile, lowered)
+    for v, future in futures.items():
+      compiled[v], sec = future.result()
+      secs[v] += sec
+      if cache is not None:
+        cache.put(keys[v], compiled[v])
+  return {v: compiled[v] for v in values}, {v: secs[v] for v in values}, loaded
+
+
 def compile_all(build, sampler, params, opt_state, consts, batch_spec, mesh, p_sh, o_sh,
                 compiler_options=None, cache=None, cache_context=""):
-  """AOT-compiles the step for every configured value.
-
-  Returns ({v: compiled}, {v: seconds}, {values loaded from the cache}).
+  """AOT-compiles (or loads) the step for every configured value: `compile_or_load`.
 
   With `cache` (an `exec_cache.ExecutableCache`) a value whose executable is on disk
   is loaded without tracing; `cache_context` is everything else that decides the
@@ -58,43 +99,12 @@ def compile_all(build, sampler, params, opt_state, consts, batch_spec, mesh, p_s
           None if consts is None else _abstract(consts, jax.tree.map(lambda x: x.sharding,
                                                                        consts)),
           batch_spec, jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh)))
-  compiled, secs, keys = {}, {}, {}
-  if cache is not None:
-    keys = {value: exec_cache.step_key(config_json=cache_context, value=value,
-                                       abstract_args=args, compiler_options=compiler_options)
-            for value in sampler.values}
-    hits = cache.get_many(keys.values())
-    for value, key in keys.items():
-      if hits[key][0] is not None:
-        compiled[value], secs[value] = hits[key]
-  # Trace/lower one after another (Python, holds the GIL), then let XLA compile all
-  # sizes at once on a thread pool: XLA releases the GIL, so on a many-core host the
-  # time until every size is ready is close to the slowest single compile.
-  lowered = {}
-  for value in sampler.values:
-    if value in compiled:
-      continue
-    t0 = time.perf_counter()
-    lowered[value] = jit_step(build(sampler.kwargs(value)), mesh, p_sh, o_sh, consts).lower(
-        *args)
-    secs[value] = time.perf_counter() - t0
 
-  def timed_compile(value):
-    t0 = time.perf_counter()
-    if cache is not None:  # What is stored must be a complete, freshly compiled program.
-      out = exec_cache.compile_for_cache(lowered[value], compiler_options)
-    else:
-      out = lowered[value].compile(compiler_options=compiler_options or None)
-    return out, time.perf_counter() - t0
+  def lower(value):
+    return jit_step(build(sampler.kwargs(value)), mesh, p_sh, o_sh, consts).lower(*args)
 
-  workers = max(1, min(len(lowered), os.cpu_count() or 1))
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    results = dict(zip(lowered, pool.map(timed_compile, lowered)))
-  for value, (fn, sec) in results.items():
-    compiled[value] = fn
-    secs[value] += sec
-    if cache is not None:
-      cache.put(keys[value], fn)
-  loaded = set(compiled) - set(results)
-  return ({v: compiled[v] for v in sampler.values}, {v: secs[v] for v in sampler.values},
-          loaded)
+  def key(value):
+    return exec_cache.step_key(config_json=cache_context, value=value, abstract_args=args,
+                               compiler_options=compiler_options)
+  return compile_or_load(sampler.values, lower, cache=cache, key=key,
+                         compiler_options=compiler_options)
