@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,7 @@ import numpy as np
 import optax
 
 from benchmarks import memory, reference
-from flexi import exec_cache, resize, steps, vit
+from flexi import exec_cache, resize, sharding, steps, vit
 
 PATCHES = (48, 40, 30, 24, 20, 16, 15, 12, 10, 8)
 RES = 240
@@ -108,18 +109,39 @@ def _init_params(variant):
   return jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, RES, RES, 3)))["params"]
 
 
+def _ours_trainer(model):
+  """reference.make_step's loss in the trainer interface that flexi.steps expects."""
+  def loss_fn(params, batch, *, rng, flexi, consts):
+    del rng, consts
+    logits, _ = model.apply({"params": params}, batch["image"], train=True, **flexi)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+    return loss, {}
+  return types.SimpleNamespace(loss_fn=loss_fn)
+
+
 def compile_all(model, tx, params, opt_state, batch, patches, threads, cache=None,
                 context=""):
-  """Our step for every patch size, as the training loop gets it (steps.compile_or_load):
-  lowered serially, XLA in threads; with `cache` (flexi.exec_cache) loaded from disk."""
-  step = jax.jit(reference.make_step(model, tx), static_argnums=(4,), donate_argnums=(0, 1))
+  """Our steps for every patch size exactly as the training loop builds them
+  (flexi.steps: per-size gradient programs + one optimizer update, lowered serially,
+  XLA in threads; with `cache` loaded from disk). Returns ({p: step(params, opt_state,
+  images, labels) -> (params, opt_state, metrics)}, seconds)."""
+  mesh = sharding.make_mesh([("data", -1)])
+  rep = sharding.replicated(mesh)
+  p_sh, o_sh = (jax.tree.map(lambda _: rep, t) for t in (params, opt_state))
+  spec = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep)
+          for k, x in zip(("image", "labels"), batch)}
+  sampler = types.SimpleNamespace(values=list(patches),
+                                  kwargs=lambda p: {"patch_size": (p, p)})
+  build = steps.make_train_step(_ours_trainer(model), tx, lambda _: 0.1, seed=0)
   t0 = time.perf_counter()
-  compiled, _, _ = steps.compile_or_load(
-      patches, lambda p: step.lower(params, opt_state, *batch, (p, p)), cache=cache,
-      key=lambda p: exec_cache.step_key(config_json=context, value=p, compiler_options=None,
-                                        abstract_args=(params, opt_state, *batch)),
-      workers=max(1, threads))
-  return compiled, time.perf_counter() - t0
+  compiled, _, _ = steps.compile_all(build, sampler, params, opt_state, None, spec, mesh,
+                                     p_sh, o_sh, cache=cache, cache_context=context,
+                                     workers=max(1, threads))
+  step0 = np.int32(0)
+  calls = {p: (lambda params, opt_state, images, labels, c=c:
+               c(params, opt_state, None, {"image": images, "labels": labels}, step0))
+           for p, c in compiled.items()}
+  return calls, time.perf_counter() - t0
 
 
 def model_flops(variant, tx, params, opt_state, batch, p):

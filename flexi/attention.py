@@ -95,7 +95,8 @@ def blocked_attention(query, key, value, mask=None, dtype=None):
   return jnp.transpose(out.reshape(b, h, n, d), (0, 2, 1, 3))
 
 
-_BLOCKED_MIN_SCORES = 128 * 128  # Below this many scores per head flax's is as fast.
+_BLOCKED_MIN_SCORES = 192 * 192  # Below this many scores per head flax's is faster (145
+# tokens: 4.1 vs 5.0 ms per Ti layer, fwd+bwd; 226 tokens: 10.5 vs 8-9 ms).
 
 
 def auto_attention(query, key, value, mask=None, dtype=None):

@@ -10,24 +10,50 @@ import optax
 from flexi import exec_cache, sharding
 
 
-def make_train_step(trainer, tx, lr_fn, *, seed: int):
-  """Returns step(flexi_kw) -> fn(params, opt_state, consts, batch, step)."""
+OPTIMIZER_UPDATE = "optimizer_update"  # compile_or_load's name for the shared update.
 
-  def build(flexi_kw):
-    def step_fn(params, opt_state, consts, batch, step):
+
+def make_train_step(trainer, tx, lr_fn, *, seed: int):
+  """The train step as two programs, so that patch sizes share the optimizer's compile.
+
+  Returns (grad_step, apply_step):
+    grad_step(flexi_kw) -> fn(params, consts, batch, step) -> (grads, metrics): forward
+      and backward at one patch size, compiled once per size;
+    apply_step: fn(params, opt_state, grads, step) -> (params, opt_state, metrics): the
+      optimizer update, the same program for every size, compiled once. Fused into
+      every size's step it was 20% (SGD) to 30% (Adam) of each compile; the split
+      costs one dispatch per step (timings in docs/benchmarks.md).
+  """
+  def grad_step(flexi_kw):
+    def grad_fn(params, consts, batch, step):
       rng = jax.random.fold_in(jax.random.PRNGKey(seed), step)
 
       def loss_of(p):
         return trainer.loss_fn(p, batch, rng=rng, flexi=flexi_kw, consts=consts)
 
       (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      params = optax.apply_updates(params, updates)
       metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads),
-                 "train/lr": lr_fn(step), **{f"train/{k}": v for k, v in aux.items()}}
-      return params, opt_state, metrics
-    return step_fn
-  return build
+                 **{f"train/{k}": v for k, v in aux.items()}}
+      return grads, metrics
+    return grad_fn
+
+  def apply_step(params, opt_state, grads, step):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, {"train/lr": lr_fn(step)}
+  return grad_step, apply_step
+
+
+class TrainStep:
+  """fn(params, opt_state, consts, batch, step) -> (params, opt_state, metrics): one
+  value's gradient executable followed by the shared optimizer-update executable."""
+
+  def __init__(self, grads, update):
+    self.grads, self.update = grads, update
+
+  def __call__(self, params, opt_state, consts, batch, step):
+    grads, metrics = self.grads(params, consts, batch, step)
+    params, opt_state, update_metrics = self.update(params, opt_state, grads, step)
+    return params, opt_state, {**metrics, **update_metrics}
 
 
 def _abstract(tree, shardings):
@@ -35,10 +61,17 @@ def _abstract(tree, shardings):
                       tree, shardings)
 
 
-def jit_step(step_fn, mesh, p_sh, o_sh, consts):
+def jit_grad_step(grad_fn, mesh, p_sh, consts):
+  """Gradients come out sharded like the params they belong to."""
   rep = sharding.replicated(mesh)
   c_sh = jax.tree.map(lambda x: x.sharding, consts) if consts is not None else None
-  return jax.jit(step_fn, in_shardings=(p_sh, o_sh, c_sh, None, rep),
+  return jax.jit(grad_fn, in_shardings=(p_sh, c_sh, None, rep), out_shardings=(p_sh, rep))
+
+
+def jit_apply_step(apply_fn, mesh, p_sh, o_sh):
+  """Params and optimizer state are updated in place (donated)."""
+  rep = sharding.replicated(mesh)
+  return jax.jit(apply_fn, in_shardings=(p_sh, o_sh, p_sh, rep),
                  out_shardings=(p_sh, o_sh, rep), donate_argnums=(0, 1))
 
 
@@ -86,25 +119,35 @@ def compile_or_load(values, lower, *, cache=None, key=None, compiler_options=Non
 
 
 def compile_all(build, sampler, params, opt_state, consts, batch_spec, mesh, p_sh, o_sh,
-                compiler_options=None, cache=None, cache_context=""):
-  """AOT-compiles (or loads) the step for every configured value: `compile_or_load`.
+                compiler_options=None, cache=None, cache_context="", workers=None):
+  """AOT-compiles (or loads) the gradient program of every configured value and the one
+  optimizer update (`build` is make_train_step's pair): `compile_or_load`.
 
-  With `cache` (an `exec_cache.ExecutableCache`) a value whose executable is on disk
+  With `cache` (an `exec_cache.ExecutableCache`) a program whose executable is on disk
   is loaded without tracing; `cache_context` is everything else that decides the
   program (the config, the schedule lengths) as text.
+  Returns ({value: TrainStep}, {value or OPTIMIZER_UPDATE: seconds}, {loaded ones}).
   """
   if sampler is None:
     return {}, {}, set()
-  args = (_abstract(params, p_sh), _abstract(opt_state, o_sh),
-          None if consts is None else _abstract(consts, jax.tree.map(lambda x: x.sharding,
-                                                                       consts)),
-          batch_spec, jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh)))
+  grad_step, apply_step = build
+  step_spec = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))
+  a_params = _abstract(params, p_sh)
+  a_consts = None if consts is None else _abstract(
+      consts, jax.tree.map(lambda x: x.sharding, consts))
+  args = {OPTIMIZER_UPDATE: (a_params, _abstract(opt_state, o_sh), a_params, step_spec)}
+  args.update({v: (a_params, a_consts, batch_spec, step_spec) for v in sampler.values})
 
   def lower(value):
-    return jit_step(build(sampler.kwargs(value)), mesh, p_sh, o_sh, consts).lower(*args)
+    if value == OPTIMIZER_UPDATE:
+      return jit_apply_step(apply_step, mesh, p_sh, o_sh).lower(*args[value])
+    return jit_grad_step(grad_step(sampler.kwargs(value)), mesh, p_sh, consts).lower(
+        *args[value])
 
   def key(value):
-    return exec_cache.step_key(config_json=cache_context, value=value, abstract_args=args,
-                               compiler_options=compiler_options)
-  return compile_or_load(sampler.values, lower, cache=cache, key=key,
-                         compiler_options=compiler_options)
+    return exec_cache.step_key(config_json=cache_context, value=value,
+                               abstract_args=args[value], compiler_options=compiler_options)
+  compiled, secs, loaded = compile_or_load(list(args), lower, cache=cache, key=key,
+                                           compiler_options=compiler_options, workers=workers)
+  update = compiled.pop(OPTIMIZER_UPDATE)
+  return {v: TrainStep(compiled[v], update) for v in sampler.values}, secs, loaded

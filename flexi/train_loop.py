@@ -258,14 +258,16 @@ def _prepare(config, trainer, data, dur, sampler, mesh, batch_axes, shard, ckpt,
       step_fn, sampler if start < total else None, params, opt_state, consts, batch_spec,
       mesh, p_sh, o_sh, dict(config.xla_compiler_options), cache=exe_cache,
       cache_context=_program_context(config, trainer, dur))
+  names = {v: v if v == steps.OPTIMIZER_UPDATE else f"{sampler.kind}={v}"
+           for v in compile_secs}
   for v, sec in compile_secs.items():
     how = "loaded from the executable cache" if v in loaded else "compiled"
-    writer.info(f"{how} {sampler.kind}={v} in {sec:.2f}s")
+    writer.info(f"{how} {names[v]} in {sec:.2f}s")
   if compile_secs:
-    writer.info(f"all {len(compile_secs)} step functions ready in "
+    writer.info(f"all {len(compile_secs)} programs ready in "
                 f"{time.perf_counter() - t0:.1f}s ({len(loaded)} loaded, "
                 f"{len(compile_secs) - len(loaded)} compiled in parallel)")
-  writer.write(start, {f"compile_sec/{sampler.kind}={v}": s for v, s in compile_secs.items()})
+  writer.write(start, {f"compile_sec/{names[v]}": s for v, s in compile_secs.items()})
   return dict(first=first, local_iter=local_iter, batch_spec=batch_spec, params=params,
               opt_state=opt_state, start=start, consts=consts, compiled=compiled,
               compile_secs=compile_secs)

@@ -13,7 +13,7 @@ from trainers import train
 from tests import tiny_setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-JIT_STEP = steps.jit_step
+JITS = {name: getattr(steps, name) for name in ("jit_grad_step", "jit_apply_step")}
 
 
 def _run(workdir, cache_dir, **overrides):
@@ -69,20 +69,22 @@ def _no_tracing(*args, **kwargs):
 
 def test_restart_loads_executables_without_tracing(tmp_path, first_run, monkeypatch, capsys):
   cache_dir, first, files = first_run
-  assert len(files) == 2  # Patch sizes 8 and 16.
-  monkeypatch.setattr(steps, "jit_step", _no_tracing)
+  assert len(files) == 3  # Gradients at patch sizes 8 and 16, the optimizer update.
+  for name in JITS:
+    monkeypatch.setattr(steps, name, _no_tracing)
   _assert_params_equal(first, _run(tmp_path, cache_dir))
   out = capsys.readouterr().out
-  assert out.count("loaded from the executable cache") == 2 and "(2 loaded, 0 compiled" in out
+  assert out.count("loaded from the executable cache") == 3 and "(3 loaded, 0 compiled" in out
 
 
 def test_changed_config_compiles_new_executables(tmp_path, first_run, monkeypatch):
   cache_dir, _, _ = first_run
   before = set(_exe_files(cache_dir))
   traced = []
-  monkeypatch.setattr(steps, "jit_step", lambda *a, **k: traced.append(1) or JIT_STEP(*a, **k))
+  for name, jit in JITS.items():
+    monkeypatch.setattr(steps, name, lambda *a, jit=jit, **k: traced.append(1) or jit(*a, **k))
   _run(tmp_path, cache_dir, lr=1e-3)
-  assert len(traced) == 2  # Both sizes traced: the old executables do not match.
+  assert len(traced) == 3  # All traced: the old executables do not match.
   assert set(_exe_files(cache_dir)) == before  # This process has loaded: stores nothing.
 
 
@@ -104,7 +106,7 @@ def test_stored_after_a_warm_persistent_cache_run_correctly(tmp_path, first_run)
   shutil.copytree(cache_dir, warm)
   shutil.rmtree(warm / "executables")
   _run_in_fresh_process(tmp_path / "w1", str(warm), tmp_path / "p1.npz")
-  assert len(_exe_files(str(warm))) == 2
+  assert len(_exe_files(str(warm))) == 3
   _assert_params_equal(first, _run(tmp_path / "w2", str(warm)))  # Runs what was stored.
 
 
