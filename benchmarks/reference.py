@@ -5,6 +5,7 @@ Not part of the library. It differs from `flexi.vit` only where big_vision does:
 - the PI-resize matrix is built densely every time a step is traced: one
   `tf.image.resize` per basis vector of the 32x32 kernel (1024 calls), then a dense
   `np.linalg.pinv` of the (p*p, 1024) matrix, applied with vmapped matmuls;
+- the position embedding is resized with `jax.image.resize` inside the step;
 - blocks are a Python loop with flax's default attention, float32;
 - the train step is one `jax.jit` with the patch size static, compiled lazily the
   first time a patch size is sampled.
@@ -71,8 +72,19 @@ class ConvPatchify(nn.Module):
     return out + bias
 
 
+def image_resize_posemb(posemb, new_hw, old_hw):
+  """big_vision's run-time posemb resize: `jax.image.resize(..., "linear")` in the graph."""
+  if tuple(old_hw) == tuple(new_hw):
+    return posemb
+  width = posemb.shape[-1]
+  grid = jax.image.resize(jnp.reshape(posemb, (1, *old_hw, width)), (1, *new_hw, width),
+                          "linear")
+  return jnp.reshape(grid, (1, -1, width))
+
+
 class _RefModel(vit._Model):  # pylint: disable=protected-access
   embedding_cls = ConvPatchify
+  posemb_resize = staticmethod(image_resize_posemb)
 
 
 def Model(num_classes=None, *, variant=None, **kw):  # pylint: disable=invalid-name

@@ -216,6 +216,7 @@ class _Model(nn.Module):
 
   # The stem module; benchmarks/reference.py swaps in big_vision's conv formulation.
   embedding_cls = Patchify
+  posemb_resize = staticmethod(resize.resample_posemb)  # (posemb, new_hw, old_hw=)
 
   def resolve_patch_size(self, image_hw, patch_size=None, seqhw=None):
     """The patch size of a call: given directly, from a token grid, or the stored one."""
@@ -236,7 +237,7 @@ class _Model(nn.Module):
       pe = posemb_sincos_2d(*self.posemb_size, width)
     else:
       raise ValueError(f"unknown posemb {self.posemb!r}; choose 'learn' or 'sincos2d'")
-    return resize.resample_posemb(pe, grid_hw, old_hw=self.posemb_size)
+    return self.posemb_resize(pe, grid_hw, old_hw=self.posemb_size)
 
   @nn.compact
   def __call__(self, image, *, patch_size=None, seqhw=None, train=False):
