@@ -138,6 +138,15 @@ def test_area_heuristic_keeps_token_scale_roughly():
     resize.resize_patchemb(kernel, 16, "cubic")
 
 
+@pytest.mark.parametrize("old", [1, 3, 7, 16])
+def test_linear_resize_matrix_is_jax_image_resize(old):
+  """The host-side weights equal the operator's (antialiased when shrinking)."""
+  for new in (1, 2, 5, 7, 15, 30, 48):
+    expected = jax.image.resize(jnp.eye(old, dtype=jnp.float32), (new, old), "linear")
+    np.testing.assert_allclose(resize._linear_resize_matrix(old, new), expected,  # pylint: disable=protected-access
+                               atol=1e-6, err_msg=f"{old} -> {new}")
+
+
 def test_resample_posemb_matches_jax_image_resize_linear():
   pe = jax.random.normal(jax.random.PRNGKey(0), (1, 49, 8))
   for new in [(5, 5), (6, 6), (30, 30), (4, 9)]:
