@@ -111,12 +111,11 @@ def _init_params(variant):
 
 
 def _ours_trainer(model):
-  """reference.make_step's loss in the trainer interface that flexi.steps expects."""
+  """reference.xent_loss in the trainer interface that flexi.steps expects."""
   def loss_fn(params, batch, *, rng, flexi, consts):
     del rng, consts
-    logits, _ = model.apply({"params": params}, batch["image"], train=True, **flexi)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
-    return loss, {}
+    return reference.xent_loss(model, params, batch["image"], batch["labels"],
+                               flexi["patch_size"]), {}
   return types.SimpleNamespace(loss_fn=loss_fn)
 
 
@@ -230,8 +229,7 @@ def section_step(args, variant):
 def _reference_compile_all(variant, tx, params, batch, patches):
   """What the reference's lazy compiles add up to: trace (incl. the dense PI matrix),
   lower and compile one jit per size, one after the other."""
-  model = reference.Model(1000, variant=variant, pool_type="tok")
-  step = jax.jit(reference.make_step(model, tx), static_argnums=(4,), donate_argnums=(0, 1))
+  step = reference.lazy_train_step(reference.Model(1000, variant=variant, pool_type="tok"), tx)
   opt_state = tx.init(params)
   t0 = time.perf_counter()
   for p in patches:

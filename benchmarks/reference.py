@@ -99,13 +99,17 @@ def Model(num_classes=None, *, variant=None, **kw):  # pylint: disable=invalid-n
   return _RefModel(num_classes, **cfg)
 
 
+def xent_loss(model, params, images, labels, patch):
+  """The benchmark's loss (softmax cross-entropy, integer labels), shared with ours."""
+  logits, _ = model.apply({"params": params}, images, patch_size=patch, train=True)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
 def make_step(model, tx):
   """fn(params, opt_state, images, labels, patch) -> (params, opt_state, loss)."""
   def step(params, opt_state, images, labels, patch):
-    def loss_fn(p):
-      logits, _ = model.apply({"params": p}, images, patch_size=patch, train=True)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    loss, grads = jax.value_and_grad(loss_fn)(params)
+    loss, grads = jax.value_and_grad(
+        lambda p: xent_loss(model, p, images, labels, patch))(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
   return step

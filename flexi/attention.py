@@ -24,7 +24,7 @@ _MAX_SLICES = 8  # More slices per step do not help (8-48 at 226 tokens: within 
 
 
 def _slices_per_block(n_q, n_k, itemsize, total):
-  """How many (example, head) score slices fit in one _BLOCK_BYTES block (1..8)."""
+  """How many (example, head) score slices fit in one _BLOCK_BYTES block (1.._MAX_SLICES)."""
   return int(max(1, min(_MAX_SLICES, total, _BLOCK_BYTES // max(1, n_q * n_k * itemsize))))
 
 
