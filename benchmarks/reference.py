@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from flexi import vit
+from flexi import losses, vit
 
 
 def _tf_resize(x, new_hw):
@@ -106,9 +106,10 @@ def Model(num_classes=None, *, variant=None, **kw):  # pylint: disable=invalid-n
 
 
 def xent_loss(model, params, images, labels, patch):
-  """The benchmark's loss (softmax cross-entropy, integer labels), shared with ours."""
+  """The benchmark's loss, shared with ours: big_vision's softmax cross-entropy on
+  one-hot labels (`flexi.losses.softmax_xent`, what the trainers use)."""
   logits, _ = model.apply({"params": params}, images, patch_size=patch, train=True)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  return losses.softmax_xent(logits, labels)
 
 
 def make_step(model, tx):

@@ -112,9 +112,14 @@ def test_remat_same_gradients(setup):
     return jax.jit(jax.grad(lambda p: jnp.mean(jax.nn.log_softmax(model.apply(
         {"params": p}, images, patch_size=8, train=True)[0])[:, 0])))(p)
 
-  def close(a, b):  # Relative to each tensor's scale: remat may reorder sums.
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
   want = grads({}, params)
+  # Remat and scan may reorder sums. atol is relative to the largest gradient: the key
+  # bias's gradient is exactly zero in math (softmax ignores a per-query shift), so its
+  # own scale is rounding noise.
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(want))
+
+  def close(a, b):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * scale)
   jax.tree.map(close, grads({"remat": True}, params), want)
   scanned = grads({"remat": True, "scan": True}, vit.layers_to_scan(params))
   jax.tree.map(close, vit.scan_to_layers(scanned), want)
