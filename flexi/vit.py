@@ -145,10 +145,14 @@ class Encoder1DBlock(nn.Module):
 class Encoder(nn.Module):
   """Stack of blocks named `encoderblock_{i}` plus `encoder_norm`, as big_vision.
 
-  With `scan=True` the blocks are one `nn.scan` (params stacked on a leading depth
-  axis under `encoderblock`): XLA compiles one block instead of `depth`, which cuts
-  compile time roughly by the depth. `scan_to_layers` / `layers_to_scan` convert
-  between the two layouts; checkpoints are always saved with per-layer names.
+  Unrolled (default), the blocks are traced once and called `depth` times
+  (`share_block_trace`), and XLA shares their kernels: a 12-block program compiles
+  about as fast as one block. With `scan=True` the blocks are one `nn.scan` (params
+  stacked on a leading depth axis under `encoderblock`): smaller programs, so a
+  restart loads them ~5x faster and remat really lowers memory, but on CPU the
+  stacked residuals cost 9-22% step time (docs/benchmarks.md). `scan_to_layers` /
+  `layers_to_scan` convert between the two layouts; checkpoints are always saved
+  with per-layer names.
   """
   depth: int
   mlp_dim: Optional[int] = None
@@ -160,8 +164,11 @@ class Encoder(nn.Module):
   attention: str = "flax"
 
   # nn.jit: the identical blocks share one trace (and its AD and lowering) instead of
-  # tracing `depth` times, 4x faster lowering; XLA inlines the calls, so the compiled
-  # program is the same. benchmarks/reference.py swaps in big_vision's plain loop.
+  # tracing `depth` times: 4x faster lowering. XLA inlines the calls, so the compiled
+  # program is the same (profiler op names then say encoderblock_0 for every block).
+  # Init runs the plain loop, so params equal flax's per-layer RNG streams; dropout
+  # masks come from nn.jit's own per-layer streams (independent, but not flax's).
+  # benchmarks/reference.py swaps in big_vision's plain loop.
   share_block_trace = staticmethod(functools.partial(nn.jit, static_argnums=(2,)))
 
   @nn.compact
@@ -177,7 +184,8 @@ class Encoder(nn.Module):
                       in_axes=nn.broadcast, length=self.depth)
       x, _ = stack(scan_carry=True, name="encoderblock", **kw)(x, deterministic)
     else:
-      block_cls = self.share_block_trace(block_cls)
+      if not self.is_initializing():  # (Init keeps flax's per-layer param RNG streams.)
+        block_cls = self.share_block_trace(block_cls)
       for i in range(self.depth):
         x = block_cls(name=f"encoderblock_{i}", **kw)(x, deterministic)
     return nn.LayerNorm(name="encoder_norm", dtype=self.dtype)(x)

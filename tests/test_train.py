@@ -1,12 +1,15 @@
 """The shared loop with the supervised trainer on the 8-device simulated CPU mesh."""
 import json
 import os
+import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from flexi import ckpt_manager, data_source, steps, train_loop
+from flexi import ckpt_manager, data_source, sharding, steps, train_loop
 from trainers import train
 from tests import tiny_setup
 
@@ -176,3 +179,35 @@ def test_model_init_from_workdir_with_dont_load(full_run, cache_dir):
   trained = _host(full.params)
   np.testing.assert_array_equal(loaded["embedding"]["kernel"], trained["embedding"]["kernel"])
   np.testing.assert_array_equal(loaded["head"]["kernel"], np.asarray(fresh["head"]["kernel"]))
+
+
+def test_two_program_step_equals_one_fused_step():
+  """flexi.steps: gradient program + shared optimizer update == one plain SGD step, and
+  the update program reports the gradient norm of the gradients it applies."""
+  w0 = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}
+  x = jnp.linspace(-1.0, 1.0, 8).reshape(4, 2)
+
+  def loss_fn(params, batch, *, rng, flexi, consts):
+    del rng, consts
+    y = batch["x"] @ params["w"] * flexi["scale"] + params["b"]
+    return jnp.mean(y ** 2), {"scale": jnp.float32(flexi["scale"])}
+  tx = optax.sgd(0.1)
+  build = steps.make_train_step(types.SimpleNamespace(loss_fn=loss_fn), tx, lambda s: 0.1,
+                                seed=0)
+  mesh = sharding.make_mesh([("data", -1)])
+  rep = sharding.replicated(mesh)
+  p_sh = jax.tree.map(lambda _: rep, w0)
+  spec = {"x": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep)}
+  sampler = types.SimpleNamespace(values=[2.0], kwargs=lambda v: {"scale": v})
+  step = steps.compile_all(build, sampler, w0, tx.init(w0), None, spec, mesh, p_sh,
+                           jax.tree.map(lambda _: rep, tx.init(w0)))[0][2.0]
+  want_grads = jax.grad(lambda p: loss_fn(p, {"x": x}, rng=None, flexi={"scale": 2.0},
+                                          consts=None)[0])(w0)
+  want = jax.tree.map(lambda p, g: p - 0.1 * g, w0, want_grads)
+  params, _, metrics = step(jax.tree.map(jnp.array, w0), tx.init(w0), None, {"x": x},
+                            np.int32(0))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), params, want)
+  np.testing.assert_allclose(metrics["train/grad_norm"], optax.global_norm(want_grads),
+                             rtol=1e-6)
+  assert float(metrics["train/scale"]) == 2.0
+  np.testing.assert_allclose(metrics["train/lr"], 0.1)

@@ -151,3 +151,28 @@ def test_gradient_reaches_stored_kernel(tok_model):
   assert grads["embedding"]["kernel"].shape == (32, 32, 3, 32)
   assert float(jnp.abs(grads["embedding"]["kernel"]).sum()) > 0
   assert float(jnp.abs(grads["pos_embedding"]).sum()) > 0
+
+
+class _PlainLoopEncoder(vit.Encoder):
+  share_block_trace = staticmethod(lambda block_cls: block_cls)
+
+
+class _PlainLoopModel(vit._Model):  # pylint: disable=protected-access
+  encoder_cls = _PlainLoopEncoder
+
+
+def test_blocks_share_one_trace_with_plain_loop_numerics():
+  cfg = dict(width=32, depth=3, mlp_dim=64, num_heads=2, pool_type="tok",
+             head_zeroinit=False, patch_size=(8, 8))
+  images = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+  shared, plain = vit.Model(10, **cfg), _PlainLoopModel(10, **cfg)
+  params = shared.init(jax.random.PRNGKey(0), images)["params"]
+  # Init runs the plain loop: the same params as flax's per-layer RNG streams.
+  jax.tree.map(np.testing.assert_array_equal, params,
+               plain.init(jax.random.PRNGKey(0), images)["params"])
+  np.testing.assert_allclose(shared.apply({"params": params}, images)[0],
+                             plain.apply({"params": params}, images)[0], rtol=1e-5, atol=1e-5)
+  # One trace: every block is a call of the same jaxpr, not `depth` separate traces.
+  jaxpr = jax.make_jaxpr(lambda p: shared.apply({"params": p}, images))(params).jaxpr
+  calls = [e.params["jaxpr"] for e in jaxpr.eqns if e.primitive.name in ("pjit", "jit")]
+  assert len(calls) == cfg["depth"] and all(c is calls[0] for c in calls), calls
