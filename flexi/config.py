@@ -92,6 +92,7 @@ def base_defaults() -> dict:
       ),
       compilation_cache_dir="~/.cache/flexi/jax_cache",  # None/'' disables the persistent cache.
       executable_cache=True,        # Also keep compiled steps there: a restart skips tracing.
+      executable_cache_max_gb=4.0,  # Least recently used executables beyond this are deleted.
       xla_compiler_options={},      # (open) e.g. {"xla_backend_optimization_level": 0} (fast compiles).
       debug=dict(check_finite_every=0),  # >0: also check the loss for NaN every N steps.
   )

@@ -120,10 +120,16 @@ def compile_for_cache(lowered, compiler_options=None):
 
 
 class ExecutableCache:
-  """`get(key)` -> compiled or None; `put(key, compiled)`. Writes are atomic."""
+  """`get(key)` -> compiled or None; `put(key, compiled)`. Writes are atomic.
 
-  def __init__(self, directory: str):
+  Every code edit or config change keys a new set of executables, so the directory
+  is capped: after each `put`, the least recently used files (a hit refreshes a
+  file's mtime) are deleted until the total is at most `max_bytes`.
+  """
+
+  def __init__(self, directory: str, max_bytes: Optional[int] = 4 << 30):
     self.directory = os.path.expanduser(directory)
+    self.max_bytes = max_bytes
     os.makedirs(self.directory, exist_ok=True)
 
   def _path(self, key):
@@ -142,6 +148,8 @@ class ExecutableCache:
       logging.warning("executable cache: ignoring unreadable %s (%s)", path, e)
       return None
     _PROCESS_LOADED_EXECUTABLES.set()
+    with contextlib.suppress(OSError):
+      os.utime(path)  # Recently used: evicted last.
     return out
 
   def get_many(self, keys) -> dict:
@@ -171,4 +179,25 @@ class ExecutableCache:
     with os.fdopen(fd, "wb") as f:
       f.write(blob)
     os.replace(tmp, self._path(key))
+    self.evict(keep=self._path(key))
     return True
+
+  def evict(self, keep: Optional[str] = None):
+    """Deletes least recently used executables until the total fits `max_bytes`."""
+    if self.max_bytes is None:
+      return
+    files = []
+    for name in os.listdir(self.directory):
+      path = os.path.join(self.directory, name)
+      with contextlib.suppress(OSError):  # Another process may delete it meanwhile.
+        if name.endswith(".exe"):
+          st = os.stat(path)
+          files.append((st.st_mtime, st.st_size, path))
+    total = sum(size for _, size, _ in files)
+    for _, size, path in sorted(files):
+      if total <= self.max_bytes:
+        break
+      if path != keep:
+        with contextlib.suppress(OSError):
+          os.remove(path)
+          total -= size

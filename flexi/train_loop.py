@@ -114,8 +114,12 @@ def _executable_cache(config):
   """Compiled steps on disk next to JAX's cache (config.executable_cache)."""
   if not (config.compilation_cache_dir and config.executable_cache):
     return None
+  if not config.executable_cache_max_gb > 0:
+    raise ValueError("config.executable_cache_max_gb must be > 0 (GiB kept on disk), got "
+                     f"{config.executable_cache_max_gb}")
   return exec_cache.ExecutableCache(
-      os.path.join(os.path.expanduser(config.compilation_cache_dir), "executables"))
+      os.path.join(os.path.expanduser(config.compilation_cache_dir), "executables"),
+      max_bytes=int(config.executable_cache_max_gb * 2 ** 30))
 
 
 def _program_context(config, trainer, dur):
@@ -124,7 +128,8 @@ def _program_context(config, trainer, dur):
   name = f"{getattr(loss, '__module__', '')}.{getattr(loss, '__qualname__', repr(loss))}"
   program = config.copy_and_resolve_references()
   with program.unlocked():
-    del program["compilation_cache_dir"], program["executable_cache"]  # Where, not what.
+    for where in ("compilation_cache_dir", "executable_cache", "executable_cache_max_gb"):
+      del program[where]  # Where and how long, not what.
   return json.dumps(dict(config=program.to_json_best_effort(sort_keys=True), durations=dur,
                          trainer=name),
                     sort_keys=True, default=str)

@@ -117,6 +117,30 @@ def test_no_store_after_loading(first_run):
   assert not exec_cache.can_store() and not cache.put("k", None)
 
 
+def test_get_refreshes_and_put_evicts_least_recently_used(tmp_path, first_run):
+  cache_dir, _, files = first_run
+  directory = tmp_path / "exe"
+  shutil.copytree(os.path.join(cache_dir, "executables"), directory)
+  cache = exec_cache.ExecutableCache(str(directory))
+  paths = [directory / name for name in files]
+  for age, path in enumerate(paths):  # paths[0] newest ... paths[-1] oldest.
+    os.utime(path, (1e9 - age * 100, 1e9 - age * 100))
+  assert cache.get(files[-1][:-len(".exe")]) is not None  # The oldest, now just used.
+  (directory / "new.exe").write_bytes(b"x" * 10)
+  size = lambda p: os.path.getsize(p)  # noqa: E731
+  cache.max_bytes = size(paths[-1]) + 10 + 1
+  cache.evict(keep=str(directory / "new.exe"))
+  assert sorted(os.listdir(directory)) == sorted([files[-1], "new.exe"])
+  cache.max_bytes = 5  # Even when the newest alone is over the cap, it is kept.
+  cache.evict(keep=str(directory / "new.exe"))
+  assert os.listdir(directory) == ["new.exe"]
+
+
+def test_bad_executable_cache_cap_is_a_clear_error(tmp_path):
+  with pytest.raises(ValueError, match="executable_cache_max_gb must be > 0"):
+    _run(tmp_path / "w", str(tmp_path / "c"), executable_cache_max_gb=0.0)
+
+
 def test_disabled_by_config(tmp_path):
   _run(tmp_path / "w", str(tmp_path / "c"), executable_cache=False)
   assert not os.path.exists(tmp_path / "c" / "executables")
