@@ -120,6 +120,7 @@ def build_train_dataset(input_cfg, *, process_index=None, process_count=None,
                    skip=cfg["skip_decode_errors"], tag=f"{data['name']}:{split}",
                    first_index=start)
   ds = ds.batch(local_bs, drop_remainder=True).prefetch(cfg["prefetch"])
+  ds.flexi_source = f"{data['name']}:{split}"  # Named in errors by global_batches.
   return ds, source.num_examples(split)
 
 
@@ -152,17 +153,33 @@ def build_eval_dataset(data_cfg, pp, batch_size, *, process_index=None, process_
   pad["_mask"] = tf.constant(False)
   ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat())
   ds = ds.take(num_batches * local_bs).batch(local_bs).prefetch(prefetch)
+  ds.flexi_source = f"{data['name']}:{split}"  # Named in errors by global_batches.
   return ds, sum(sizes)
 
 
-def _named_error(e):
-  """A one-line ValueError for our in-graph 'undecodable record' assertion."""
+_DECODER_FAILURE = re.compile(r"(jpeg::Uncompress failed[^\[\n]*|Invalid PNG data[^\[\n]*|"
+                              r"Error in decoding[^\[\n]*)")
+
+
+def _named_error(e, source=None):
+  """A one-line ValueError for a record that failed to decode, or None.
+
+  Our in-graph check names the record (bad container: not an image, truncated). A
+  file whose container is fine but whose inside is corrupt fails in TF's decoder,
+  which cannot name the record; the error then says what failed.
+  """
   msg = e.message if hasattr(e, "message") else str(e)
   m = re.search(r"Undecodable or truncated image in record['\]]?\s*(?:\[|b')?([^\]'\n]+)", msg)
-  if not m:
-    return None
-  return ValueError(f"Undecodable or truncated image in record {m.group(1).strip()} "
-                    "(set skip_decode_errors=True to skip and count such records)")
+  if m:
+    return ValueError(f"Undecodable or truncated image in record {m.group(1).strip()} "
+                      "(set skip_decode_errors=True to skip and count such records)")
+  m = _DECODER_FAILURE.search(msg)
+  if m:
+    return ValueError(f"Corrupt image data in {source or 'the input'} (TF's decoder: "
+                      f"{m.group(1).strip()}): a file with a valid image header and end "
+                      "marker is damaged inside; TF's decoder cannot name it or skip it "
+                      "in-graph, so remove or re-encode it")
+  return None
 
 
 def global_batches(local_batches, mesh, batch_axes=("data",), prefetch=2):
@@ -175,6 +192,7 @@ def global_batches(local_batches, mesh, batch_axes=("data",), prefetch=2):
   batch_axes = tuple(batch_axes)
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch_axes))
   n_dev = math.prod(mesh.shape[a] for a in batch_axes)
+  source = getattr(local_batches, "flexi_source", None)
   if hasattr(local_batches, "as_numpy_iterator"):
     local_batches = local_batches.as_numpy_iterator()
   it = iter(local_batches)
@@ -197,7 +215,7 @@ def global_batches(local_batches, mesh, batch_axes=("data",), prefetch=2):
     try:
       return next(it)
     except tf.errors.OpError as e:
-      named = _named_error(e)
+      named = _named_error(e, source)
       if named is None:
         raise
       raise named from None

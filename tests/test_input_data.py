@@ -218,6 +218,27 @@ def test_corrupt_jpeg_error_names_the_file(tmp_path):
     list(ds.as_numpy_iterator())
 
 
+def test_jpeg_damaged_inside_is_a_clear_error(tmp_path):
+  """Valid SOI and EOI markers pass the container check; TF's decoder then fails on the
+  damaged header, and the error names the source and what failed, on one line."""
+  good = io.BytesIO()
+  Image.fromarray(np.full((8, 8, 3), 99, np.uint8)).save(good, "JPEG")
+  good = good.getvalue()
+  os.makedirs(tmp_path / "val" / "a")
+  for i, data in enumerate([good, good[:150] + b"\x00" * 40 + good[190:]]):
+    (tmp_path / "val" / "a" / f"img{i}.jpg").write_bytes(data)
+  for skip in (False, True):
+    ds, _ = ip.build_eval_dataset(dict(name=f"dir:{tmp_path}", split="val"),
+                                  'decode|resize(4)|keep("image")', 2, process_index=0,
+                                  process_count=1, skip_decode_errors=skip)
+    mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
+    with pytest.raises(ValueError) as info:
+      list(ip.global_batches(ds, mesh))
+    msg = str(info.value)
+    assert "\n" not in msg and f"dir:{tmp_path}:val" in msg
+    assert "Corrupt image data" in msg and "jpeg::Uncompress failed" in msg
+
+
 def test_corrupt_jpeg_skipped_and_counted(tmp_path):
   _corrupt_folder(str(tmp_path))
   before = ip.decode_error_counts().get(f"dir:{tmp_path}:val", 0)
