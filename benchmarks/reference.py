@@ -6,8 +6,8 @@ Not part of the library. It differs from `flexi.vit` only where big_vision does:
   `tf.image.resize` per basis vector of the 32x32 kernel (1024 calls), then a dense
   `np.linalg.pinv` of the (p*p, 1024) matrix, applied with vmapped matmuls;
 - the position embedding is resized with `jax.image.resize` inside the step;
-- blocks are a plain Python loop (each traced on its own) with flax's default
-  attention, float32;
+- blocks are a plain Python loop (each traced on its own) of flax's LayerNorm, gelu
+  and default attention, float32;
 - the train step is one `jax.jit` with the patch size static, compiled lazily the
   first time a patch size is sampled.
 Numerics equal `flexi.vit` (tests/test_perf_numerics.py checks the logits).
@@ -83,8 +83,18 @@ def image_resize_posemb(posemb, new_hw, old_hw):
   return jnp.reshape(grid, (1, -1, width))
 
 
+class _RefMlpBlock(vit.MlpBlock):
+  activation = staticmethod(nn.gelu)
+
+
+class _RefBlock(vit.Encoder1DBlock):
+  norm_cls = nn.LayerNorm
+  mlp_cls = _RefMlpBlock
+
+
 class _RefEncoder(vit.Encoder):
   share_block_trace = staticmethod(lambda block_cls: block_cls)  # Traced per layer.
+  block_cls = _RefBlock
 
 
 class _RefModel(vit._Model):  # pylint: disable=protected-access

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexi import resize
+from flexi import fused_ops, resize
 from flexi.attention import (attention_fn, auto_attention, blocked_attention,  # noqa: F401
                              xla_attention)
 
@@ -104,6 +104,7 @@ class MlpBlock(nn.Module):
   mlp_dim: Optional[int] = None
   dropout: float = 0.0
   dtype: Any = None
+  activation = staticmethod(fused_ops.gelu)  # = nn.gelu; reference.py uses flax's.
 
   @nn.compact
   def __call__(self, x, deterministic=True):
@@ -111,7 +112,7 @@ class MlpBlock(nn.Module):
                  bias_init=nn.initializers.normal(stddev=1e-6), dtype=self.dtype)
     d = x.shape[-1]
     x = nn.Dense(self.mlp_dim or 4 * d, **inits)(x)
-    x = nn.gelu(x)
+    x = self.activation(x)
     x = nn.Dropout(rate=self.dropout)(x, deterministic)
     return nn.Dense(d, **inits)(x)
 
@@ -124,19 +125,23 @@ class Encoder1DBlock(nn.Module):
   dtype: Any = None
   attention: str = "flax"
   scan_carry: bool = False  # Return (x, None), the carry/output pair nn.scan wants.
+  # = nn.LayerNorm and MlpBlock with nn.gelu, with cheaper backward passes (fused_ops);
+  # benchmarks/reference.py swaps in flax's own.
+  norm_cls = fused_ops.LayerNorm
+  mlp_cls = MlpBlock
 
   @nn.compact
   def __call__(self, x, deterministic=True):
-    y = nn.LayerNorm(dtype=self.dtype)(x)
+    y = self.norm_cls(dtype=self.dtype)(x)
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, kernel_init=nn.initializers.xavier_uniform(),
         deterministic=deterministic, dtype=self.dtype,
         attention_fn=attention_fn(self.attention))(y, y)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
     x = x + y
-    y = nn.LayerNorm(dtype=self.dtype)(x)
-    y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype=self.dtype)(
-        y, deterministic)
+    y = self.norm_cls(dtype=self.dtype)(x)
+    y = self.mlp_cls(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype=self.dtype,
+                     name="MlpBlock_0")(y, deterministic)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
     x = x + y
     return (x, None) if self.scan_carry else x
@@ -170,12 +175,13 @@ class Encoder(nn.Module):
   # masks come from nn.jit's own per-layer streams (independent, but not flax's).
   # benchmarks/reference.py swaps in big_vision's plain loop.
   share_block_trace = staticmethod(functools.partial(nn.jit, static_argnums=(2,)))
+  block_cls = Encoder1DBlock
 
   @nn.compact
   def __call__(self, x, deterministic=True):
     kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
               dtype=self.dtype, attention=self.attention)
-    block_cls = Encoder1DBlock
+    block_cls = self.block_cls
     if self.remat:  # Recompute activations in the backward pass: less peak memory.
       block_cls = nn.remat(block_cls, static_argnums=(2,), prevent_cse=not self.scan)
     if self.scan:
@@ -188,7 +194,7 @@ class Encoder(nn.Module):
         block_cls = self.share_block_trace(block_cls)
       for i in range(self.depth):
         x = block_cls(name=f"encoderblock_{i}", **kw)(x, deterministic)
-    return nn.LayerNorm(name="encoder_norm", dtype=self.dtype)(x)
+    return self.block_cls.norm_cls(name="encoder_norm", dtype=self.dtype)(x)
 
 
 class MAPHead(nn.Module):

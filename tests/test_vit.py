@@ -176,3 +176,24 @@ def test_blocks_share_one_trace_with_plain_loop_numerics():
   jaxpr = jax.make_jaxpr(lambda p: shared.apply({"params": p}, images))(params).jaxpr
   calls = [e.params["jaxpr"] for e in jaxpr.eqns if e.primitive.name in ("pjit", "jit")]
   assert len(calls) == cfg["depth"] and all(c is calls[0] for c in calls), calls
+
+
+def test_fused_layer_norm_and_gelu_equal_flax_values_and_gradients():
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  from flexi import fused_ops  # pylint: disable=import-outside-toplevel
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 37, 48)) * 3 + 1
+  w = jax.random.normal(jax.random.PRNGKey(3), x.shape)
+  ln_flax, ln_ours = nn.LayerNorm(), fused_ops.LayerNorm()
+  v = ln_flax.init(jax.random.PRNGKey(1), x)
+  v = jax.tree.map(lambda a: a + jax.random.normal(jax.random.PRNGKey(2), a.shape), v)
+  assert jax.tree.structure(v) == jax.tree.structure(ln_ours.init(jax.random.PRNGKey(1), x))
+  for ours, ref in ((lambda v, x: ln_ours.apply(v, x), lambda v, x: ln_flax.apply(v, x)),
+                    (lambda v, x: fused_ops.gelu(x), lambda v, x: nn.gelu(x))):
+    np.testing.assert_allclose(ours(v, x), ref(v, x), rtol=1e-5, atol=1e-5)
+    g_ours = jax.jit(jax.grad(lambda v, x: (ours(v, x) * w).sum(), (0, 1)))(v, x)
+    g_ref = jax.grad(lambda v, x: (ref(v, x) * w).sum(), (0, 1))(v, x)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(
+        a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max())), g_ours, g_ref)
+  bf16 = x.astype(jnp.bfloat16)
+  assert (ln_ours.apply(v, bf16).dtype == ln_flax.apply(v, bf16).dtype
+          and fused_ops.LayerNorm(dtype=jnp.bfloat16).apply(v, x).dtype == jnp.bfloat16)
