@@ -188,9 +188,9 @@ class ExecutableCache:
       return
     files = []
     for name in os.listdir(self.directory):
-      path = os.path.join(self.directory, name)
-      with contextlib.suppress(OSError):  # Another process may delete it meanwhile.
-        if name.endswith(".exe"):
+      if name.endswith(".exe"):
+        path = os.path.join(self.directory, name)
+        with contextlib.suppress(OSError):  # Another process may delete it meanwhile.
           st = os.stat(path)
           files.append((st.st_mtime, st.st_size, path))
     total = sum(size for _, size, _ in files)

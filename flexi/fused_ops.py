@@ -54,6 +54,10 @@ def _moments(x):
   return mean, var
 
 
+def _normalised(x, mean, rstd):
+  return (x.astype(jnp.float32) - mean) * rstd
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _layer_norm(x, scale, bias, eps):
   return _layer_norm_fwd(x, scale, bias, eps)[0]
@@ -62,14 +66,13 @@ def _layer_norm(x, scale, bias, eps):
 def _layer_norm_fwd(x, scale, bias, eps):
   mean, var = _moments(x)
   rstd = jax.lax.rsqrt(var + eps)
-  y = (x.astype(jnp.float32) - mean) * rstd
-  return y * scale + bias, (x, mean, rstd, scale)
+  return _normalised(x, mean, rstd) * scale + bias, (x, mean, rstd, scale)
 
 
 def _layer_norm_bwd(eps, res, dy):
   del eps
   x, mean, rstd, scale = jax.lax.optimization_barrier(res)
-  xhat = (x.astype(jnp.float32) - mean) * rstd
+  xhat = _normalised(x, mean, rstd)
   g = dy * scale
   rows = tuple(range(x.ndim - 1))
   dx = rstd * (g - jnp.mean(g, -1, keepdims=True)

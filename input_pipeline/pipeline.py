@@ -116,11 +116,11 @@ def build_train_dataset(input_cfg, *, process_index=None, process_count=None,
     ds = ds.cache()
   ds = ds.repeat().shuffle(cfg["shuffle_buffer_size"], seed=cfg["seed"])
   start = start_batch * local_bs
+  tag = f"{data['name']}:{split}"
   ds = _preprocess(ds.skip(start), cfg["pp"], seed=cfg["seed"], process_index=pi,
-                   skip=cfg["skip_decode_errors"], tag=f"{data['name']}:{split}",
-                   first_index=start)
+                   skip=cfg["skip_decode_errors"], tag=tag, first_index=start)
   ds = ds.batch(local_bs, drop_remainder=True).prefetch(cfg["prefetch"])
-  ds.flexi_source = f"{data['name']}:{split}"  # Named in errors by global_batches.
+  ds.flexi_source = tag  # Named in errors by global_batches.
   return ds, source.num_examples(split)
 
 
@@ -146,14 +146,14 @@ def build_eval_dataset(data_cfg, pp, batch_size, *, process_index=None, process_
   sizes = source.shard_sizes(split, pc)
   num_batches = math.ceil(max(sizes) / local_bs)
   ds = source.read(split, process_index=pi, process_count=pc)
-  ds = _preprocess(ds, pp, seed=0, process_index=pi, skip=skip_decode_errors,
-                   tag=f"{data['name']}:{split}")
+  tag = f"{data['name']}:{split}"
+  ds = _preprocess(ds, pp, seed=0, process_index=pi, skip=skip_decode_errors, tag=tag)
   ds = ds.map(lambda ex: dict(ex, _mask=tf.constant(True)))
   pad = {k: _zeros_like_spec(s, k) for k, s in ds.element_spec.items()}
   pad["_mask"] = tf.constant(False)
   ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat())
   ds = ds.take(num_batches * local_bs).batch(local_bs).prefetch(prefetch)
-  ds.flexi_source = f"{data['name']}:{split}"  # Named in errors by global_batches.
+  ds.flexi_source = tag  # Named in errors by global_batches.
   return ds, sum(sizes)
 
 
