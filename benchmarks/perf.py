@@ -33,6 +33,7 @@ from flexi import exec_cache, resize, sharding, steps, vit
 
 PATCHES = (48, 40, 30, 24, 20, 16, 15, 12, 10, 8)
 RES = 240
+FLOP_PATCHES = (16, 8)  # Where the FLOP/s targets are set (issue 8).
 OURS = dict(attention="auto")  # The library options the speed numbers use.
 RESULTS = {}  # name -> dict, collected for --json and the summary.
 
@@ -168,7 +169,7 @@ def section_step(args, variant):
   ours_state = [copy(ours_params), tx.init(ours_params)]
 
   warm_tf()
-  peak_before = matmul_peak(jnp.float32)
+  peaks = [matmul_peak(jnp.float32)]
   compiled, ours_compile = compile_all(ours_model, tx, ours_state[0], ours_state[1], batch,
                                        args.patches, args.threads)
   log(f"{variant}: ours compiled {len(args.patches)} sizes in {ours_compile:.1f}s "
@@ -176,6 +177,7 @@ def section_step(args, variant):
   ref_step = reference.lazy_train_step(ref_model, tx)
   rows = []
   for p in args.patches:
+    peak_near = [matmul_peak(jnp.float32)] if p in FLOP_PATCHES else []
     t0 = time.perf_counter()
     ref_state[0], ref_state[1], loss = ref_step(*ref_state, *batch, (p, p))
     loss.block_until_ready()
@@ -197,30 +199,38 @@ def section_step(args, variant):
         run()
     row = dict(patch=p, ref_s=min(ref_t), ours_s=min(ours_t),
                ref_compile_s=max(0.0, ref_first - min(ref_t)))
+    if peak_near:  # The limit in the same machine state as this size's steps.
+      row["fp32_peak_near"] = max(peak_near + [matmul_peak(jnp.float32)])
+      peaks.append(row["fp32_peak_near"])
     rows.append(row)
     log(f"{variant} p={p:2d}: ref {row['ref_s'] * 1e3:8.0f} ms  ours {row['ours_s'] * 1e3:8.0f} ms"
         f"  speedup {row['ref_s'] / row['ours_s']:.2f}x  (ref lazy compile "
         f"{row['ref_compile_s']:.1f}s)")
-  peak = max(peak_before, matmul_peak(jnp.float32))
+  peaks.append(matmul_peak(jnp.float32))
+  peak = max(peaks)
   n = args.batch * len(rows)
   ref_ips = n / sum(r["ref_s"] for r in rows)
   ours_ips = n / sum(r["ours_s"] for r in rows)
   out = dict(rows=rows, ref_img_s=ref_ips, ours_img_s=ours_ips, speedup=ours_ips / ref_ips,
              mean_img_s_speedup=float(np.mean([r["ref_s"] / r["ours_s"] for r in rows])),
              ours_compile_all_s=ours_compile,
-             ref_compile_all_s=sum(r["ref_compile_s"] for r in rows), fp32_peak=peak)
+             ref_compile_all_s=sum(r["ref_compile_s"] for r in rows), fp32_peak=peak,
+             bf16_peak=matmul_peak(jnp.bfloat16))
   out["compile_ratio"] = out["ours_compile_all_s"] / out["ref_compile_all_s"]
   by_p = {r["patch"]: r for r in rows}
-  for p in (16, 8):
+  for p in FLOP_PATCHES:
     if p in by_p:
       flops = model_flops(variant, tx, params, ref_state[1], batch, p)
+      near = by_p[p]["fp32_peak_near"]
       out[f"flops_p{p}"] = flops
       out[f"flop_s_p{p}"] = flops / by_p[p]["ours_s"]
-      out[f"frac_peak_p{p}"] = flops / by_p[p]["ours_s"] / peak
-      out[f"ref_frac_peak_p{p}"] = flops / by_p[p]["ref_s"] / peak
+      out[f"frac_peak_p{p}"] = flops / by_p[p]["ours_s"] / near
+      out[f"ref_frac_peak_p{p}"] = flops / by_p[p]["ref_s"] / near
+      out[f"frac_max_peak_p{p}"] = flops / by_p[p]["ours_s"] / peak
   log(f"{variant}: img/s uniform over {len(rows)} sizes: ref {ref_ips:.2f} ours {ours_ips:.2f}"
       f" -> {out['speedup']:.2f}x; compile-all ours {ours_compile:.1f}s vs ref lazy "
-      f"{out['ref_compile_all_s']:.1f}s; fp32 matmul peak {peak / 1e9:.0f} GFLOP/s")
+      f"{out['ref_compile_all_s']:.1f}s; matmul peak fp32 {peak / 1e9:.0f} (max of the run), "
+      f"bf16 {out['bf16_peak'] / 1e9:.0f} GFLOP/s")
   RESULTS[f"step_{variant}"] = out
 
 
@@ -339,12 +349,15 @@ def summary():
       lines.append(f"| {v}: time until all sizes compiled, ours / reference lazy (one round) | "
                    f"{res['compile_ratio']:.2f} ({res['ours_compile_all_s']:.0f}s vs "
                    f"{res['ref_compile_all_s']:.0f}s) | <= 0.5 |")
-      for p, target in ((16, 0.6), (8, 0.5)):
+      for p, target in zip(FLOP_PATCHES, (0.6, 0.5)):
         if f"frac_peak_p{p}" in res:
-          lines.append(f"| {v}/{p}: train-step FLOP/s / fp32 matmul peak (reference) | "
-                       f"{res[f'frac_peak_p{p}']:.0%} ({res[f'flop_s_p{p}'] / 1e9:.0f} of "
-                       f"{res['fp32_peak'] / 1e9:.0f} GFLOP/s; ref "
-                       f"{res[f'ref_frac_peak_p{p}']:.0%}) | >= {target:.0%} |")
+          near = next(r["fp32_peak_near"] for r in res["rows"] if r["patch"] == p)
+          lines.append(f"| {v}/{p}: train-step FLOP/s / fp32 matmul peak measured around "
+                       f"its steps (reference) | {res[f'frac_peak_p{p}']:.0%} "
+                       f"({res[f'flop_s_p{p}'] / 1e9:.0f} of {near / 1e9:.0f} GFLOP/s; ref "
+                       f"{res[f'ref_frac_peak_p{p}']:.0%}; of the run's max peak "
+                       f"{res['fp32_peak'] / 1e9:.0f}: {res[f'frac_max_peak_p{p}']:.0%}) | "
+                       f">= {target:.0%} |")
   if "compile" in RESULTS:
     c = RESULTS["compile"]
     ref = c["seconds"]["reference lazy"]
