@@ -231,7 +231,7 @@ class _Model(nn.Module):
   # only together with scan=True (the unrolled recomputation gets hoisted); measured
   # in docs/benchmarks.md.
   remat: bool = False
-  scan: bool = False  # nn.scan over blocks (faster compiles; see Encoder).
+  scan: bool = False  # nn.scan over blocks (fast restarts, remat that works; see Encoder).
   dtype: Optional[str] = None  # Compute dtype, e.g. "bfloat16"; params stay float32.
   attention: str = "flax"  # "flax" (big_vision's), "xla", "blocked" or "auto" (fastest).
 
