@@ -12,6 +12,8 @@ Not part of the library. It differs from `flexi.vit` only where big_vision does:
   first time a patch size is sampled.
 Numerics equal `flexi.vit` (tests/test_perf_numerics.py checks the logits).
 """
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -87,9 +89,19 @@ class _RefMlpBlock(vit.MlpBlock):
   activation = staticmethod(nn.gelu)
 
 
+class _RefAttention(nn.MultiHeadDotProductAttention):
+  """flax's module (DenseGeneral projections), called as vit.MultiHeadAttention."""
+  kernel_init: Any = nn.initializers.xavier_uniform()
+  attention: str = "flax"  # The reference has only flax's attention.
+
+  def __call__(self, x):  # pylint: disable=arguments-differ
+    return super().__call__(x, x)
+
+
 class _RefBlock(vit.Encoder1DBlock):
   norm_cls = nn.LayerNorm
   mlp_cls = _RefMlpBlock
+  attention_cls = _RefAttention
 
 
 class _RefEncoder(vit.Encoder):

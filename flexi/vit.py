@@ -8,7 +8,7 @@ checkpoints load unchanged. With `patch_size=(8, 8)` and `posemb_size=(28, 28)` 
 224px input nothing is resized: it is a plain ViT-B/8 (the FunMatch teacher).
 """
 import functools
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import einops
 import flax.linen as nn
@@ -117,6 +117,52 @@ class MlpBlock(nn.Module):
     return nn.Dense(d, **inits)(x)
 
 
+class MatmulDenseGeneral(nn.Module):
+  """`nn.DenseGeneral`'s params and init (kernel `shape`, bias over its output dims),
+  applied as one 2-D matmul over the flattened dims: the same numbers, but XLA:CPU
+  needs no transposed copies of 3-D kernels and activations for the gradients (a Ti
+  program: 40% fewer layout copies, 12% faster executable loads; docs/benchmarks.md).
+  """
+  shape: Sequence[int]  # Kernel shape, contracted (input) dims first.
+  n_in: int  # How many leading kernel dims contract with the input's trailing dims.
+  dtype: Any = None
+  kernel_init: Callable = nn.initializers.xavier_uniform()
+  bias_init: Callable = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, x):
+    shape = tuple(self.shape)
+    k_in, k_out = int(np.prod(shape[:self.n_in])), int(np.prod(shape[self.n_in:]))
+    # Drawn as flax draws DenseGeneral's: on the flattened shape, then reshaped.
+    kernel = self.param("kernel", lambda rng, s: self.kernel_init(rng, (k_in, k_out)).reshape(s),
+                        shape)
+    bias = self.param("bias", lambda rng, s: self.bias_init(rng, (k_out,)).reshape(s),
+                      shape[self.n_in:])
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    lead = x.shape[:x.ndim - self.n_in]
+    y = x.reshape(-1, k_in) @ kernel.reshape(k_in, k_out) + bias.reshape(k_out)
+    return y.reshape(*lead, *shape[self.n_in:])
+
+
+class MultiHeadAttention(nn.Module):
+  """Self-attention with `nn.MultiHeadDotProductAttention`'s params, names and init
+  (query/key/value/out), so big_vision checkpoints load; projections as 2-D matmuls."""
+  num_heads: int
+  dtype: Any = None
+  attention: str = "flax"  # See flexi.attention.
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    if d % self.num_heads:
+      raise ValueError(f"width {d} is not divisible by num_heads={self.num_heads}")
+    heads = (self.num_heads, d // self.num_heads)
+    q, k, v = (MatmulDenseGeneral((d, *heads), 1, dtype=self.dtype, name=name)(x)
+               for name in ("query", "key", "value"))
+    out = attention_fn(self.attention)(q, k, v, dtype=self.dtype)
+    return MatmulDenseGeneral((*heads, d), 2, dtype=self.dtype, name="out")(out)
+
+
 class Encoder1DBlock(nn.Module):
   """Pre-LN transformer block: x + MHSA(LN(x)), then x + MLP(LN(x))."""
   mlp_dim: Optional[int] = None
@@ -125,18 +171,17 @@ class Encoder1DBlock(nn.Module):
   dtype: Any = None
   attention: str = "flax"
   scan_carry: bool = False  # Return (x, None), the carry/output pair nn.scan wants.
-  # = nn.LayerNorm and MlpBlock with nn.gelu, with cheaper backward passes (fused_ops);
-  # benchmarks/reference.py swaps in flax's own.
+  # = nn.LayerNorm, MlpBlock with nn.gelu and nn.MultiHeadDotProductAttention, with
+  # cheaper passes (fused_ops, MatmulDenseGeneral); benchmarks/reference.py swaps in flax's.
   norm_cls = fused_ops.LayerNorm
   mlp_cls = MlpBlock
+  attention_cls = MultiHeadAttention
 
   @nn.compact
   def __call__(self, x, deterministic=True):
     y = self.norm_cls(dtype=self.dtype)(x)
-    y = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, kernel_init=nn.initializers.xavier_uniform(),
-        deterministic=deterministic, dtype=self.dtype,
-        attention_fn=attention_fn(self.attention))(y, y)
+    y = self.attention_cls(num_heads=self.num_heads, dtype=self.dtype,
+                           attention=self.attention, name="MultiHeadDotProductAttention_0")(y)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
     x = x + y
     y = self.norm_cls(dtype=self.dtype)(x)

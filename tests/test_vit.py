@@ -197,3 +197,28 @@ def test_fused_layer_norm_and_gelu_equal_flax_values_and_gradients():
   bf16 = x.astype(jnp.bfloat16)
   assert (ln_ours.apply(v, bf16).dtype == ln_flax.apply(v, bf16).dtype
           and fused_ops.LayerNorm(dtype=jnp.bfloat16).apply(v, x).dtype == jnp.bfloat16)
+
+
+def test_matmul_attention_equals_flax_module_params_values_and_gradients():
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 17, 48))
+  w = jax.random.normal(jax.random.PRNGKey(3), x.shape)
+  flax_mha = nn.MultiHeadDotProductAttention(num_heads=3,
+                                             kernel_init=nn.initializers.xavier_uniform())
+  ours_init = vit.MultiHeadAttention(num_heads=3).init(jax.random.PRNGKey(1), x)
+  v = flax_mha.init(jax.random.PRNGKey(1), x, x)
+  # Same names, shapes and init draws as flax's (so checkpoints and seeds carry over).
+  jax.tree.map(np.testing.assert_array_equal, ours_init, v)
+  v = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.PRNGKey(2), a.shape), v)
+  for name in ("flax", "blocked"):
+    ours = vit.MultiHeadAttention(num_heads=3, attention=name)
+    ref = nn.MultiHeadDotProductAttention(num_heads=3, attention_fn=vit.attention_fn(name))
+    np.testing.assert_allclose(ours.apply(v, x), ref.apply(v, x, x), rtol=1e-5, atol=1e-5)
+    g_ours = jax.grad(lambda v, x: (ours.apply(v, x) * w).sum(), (0, 1))(v, x)
+    g_ref = jax.grad(lambda v, x: (ref.apply(v, x, x) * w).sum(), (0, 1))(v, x)
+    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(g_ref))  # The key bias's
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(  # gradient is 0 up to rounding.
+        a, b, rtol=1e-5, atol=1e-6 * scale), g_ours, g_ref)
+  assert vit.MultiHeadAttention(num_heads=3, dtype=jnp.bfloat16).apply(v, x).dtype == jnp.bfloat16
+  with pytest.raises(ValueError, match="width 48 is not divisible by num_heads=5"):
+    vit.MultiHeadAttention(num_heads=5).init(jax.random.PRNGKey(1), x)
