@@ -121,7 +121,7 @@ class MatmulDenseGeneral(nn.Module):
   """`nn.DenseGeneral`'s params and init (kernel `shape`, bias over its output dims),
   applied as one 2-D matmul over the flattened dims: the same numbers, but XLA:CPU
   needs no transposed copies of 3-D kernels and activations for the gradients (a Ti
-  program: 40% fewer layout copies, 12% faster executable loads; docs/benchmarks.md).
+  program: 40% fewer layout copies, 12-15% faster compiles and loads; docs/benchmarks.md).
   """
   shape: Sequence[int]  # Kernel shape, contracted (input) dims first.
   n_in: int  # How many leading kernel dims contract with the input's trailing dims.
