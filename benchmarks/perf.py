@@ -223,13 +223,13 @@ def section_step(args, variant):
   for p in FLOP_PATCHES:
     if p in by_p:
       flops = model_flops(variant, tx, params, ref_state[1], batch, p)
-      row = by_p[p]
+      timed = by_p[p]
       out[f"flops_p{p}"] = flops
-      out[f"flop_s_p{p}"] = flops / row["ours_s"]
+      out[f"flop_s_p{p}"] = flops / timed["ours_s"]
       out[f"frac_peak_p{p}"] = float(np.median(  # Each step against its own peak.
-          [flops / t / pk for t, pk in zip(row["ours_all_s"], row["fp32_peak_near"])]))
-      out[f"frac_max_peak_p{p}"] = flops / row["ours_s"] / peak  # Fastest vs fastest.
-      out[f"ref_frac_max_peak_p{p}"] = flops / row["ref_s"] / peak
+          [flops / t / pk for t, pk in zip(timed["ours_all_s"], timed["fp32_peak_near"])]))
+      out[f"frac_max_peak_p{p}"] = flops / timed["ours_s"] / peak  # Fastest vs fastest.
+      out[f"ref_frac_max_peak_p{p}"] = flops / timed["ref_s"] / peak
   log(f"{variant}: img/s uniform over {len(rows)} sizes: ref {ref_ips:.2f} ours {ours_ips:.2f}"
       f" -> {out['speedup']:.2f}x; compile-all ours {ours_compile:.1f}s vs ref lazy "
       f"{out['ref_compile_all_s']:.1f}s; matmul peak fp32 {peak / 1e9:.0f} (max of the run), "
