@@ -12,12 +12,17 @@ Sections: resize (PI-resize setup), step (train-step img/s, FLOP/s vs matmul pea
 time until all patch sizes are compiled, one round), compile (reference lazy vs ours AOT,
 loop and scan, best of --compile-reps rounds), cache (persistent
 compilation cache restart), memory (ViT-B/8 teacher + FlexiViT-B distillation step).
+
+Like the trainers, the script restarts itself with glibc's huge-page tunable
+(flexi/host.py), so reference and ours both run without per-step page faults;
+`FLEXI_HUGEPAGES=0 python -m benchmarks.perf ...` measures the default allocator.
 """
 import argparse
 import json
 import os
 import platform
 import subprocess
+import resource
 import sys
 import tempfile
 import time
@@ -29,7 +34,7 @@ import numpy as np
 import optax
 
 from benchmarks import memory, reference
-from flexi import exec_cache, resize, sharding, steps, vit
+from flexi import exec_cache, host, resize, sharding, steps, vit
 
 PATCHES = (48, 40, 30, 24, 20, 16, 15, 12, 10, 8)
 RES = 240
@@ -56,7 +61,14 @@ def machine():
               if line.startswith("model name")), platform.processor())
   return dict(nproc=os.cpu_count(), cpu=cpu, jax=jax.__version__,
               backend=jax.default_backend(), devices=jax.device_count(),
-              load_avg=os.getloadavg()[0])
+              load_avg=os.getloadavg()[0], thp_mode=host.thp_mode(),
+              glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
+
+
+def minor_faults():
+  """Page faults so far (each step's fresh temporaries fault in page by page, see
+  flexi/host.py)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 # --- Practical limit: a large matmul. ---------------------------------------------
@@ -183,31 +195,35 @@ def section_step(args, variant):
     loss.block_until_ready()
     ref_first = time.perf_counter() - t0
     ours_state[0], ours_state[1], _ = jax.block_until_ready(compiled[p](*ours_state, *batch))
-    ref_t, ours_t = [], []
+    ref_t, ours_t, faults = [], [], {"ref": [], "ours": []}
 
     def run_ref():
-      t0 = time.perf_counter()
+      f0, t0 = minor_faults(), time.perf_counter()
       ref_state[0], ref_state[1], _ = jax.block_until_ready(ref_step(*ref_state, *batch, (p, p)))
       ref_t.append(time.perf_counter() - t0)
+      faults["ref"].append(minor_faults() - f0)
 
     def run_ours():
       if p in FLOP_PATCHES:
         peak_near.append(matmul_peak(jnp.float32))
-      t0 = time.perf_counter()
+      f0, t0 = minor_faults(), time.perf_counter()
       ours_state[0], ours_state[1], _ = jax.block_until_ready(compiled[p](*ours_state, *batch))
       ours_t.append(time.perf_counter() - t0)
+      faults["ours"].append(minor_faults() - f0)
     for i in range(args.steps):  # Interleaved, alternating order: same machine load.
       for run in ((run_ref, run_ours) if i % 2 else (run_ours, run_ref)):
         run()
     row = dict(patch=p, ref_s=min(ref_t), ours_s=min(ours_t),
-               ref_compile_s=max(0.0, ref_first - min(ref_t)))
+               ref_compile_s=max(0.0, ref_first - min(ref_t)),
+               ref_faults=min(faults["ref"]), ours_faults=min(faults["ours"]))
     if peak_near:  # The limit in the same machine state as each step (it drifts +-30%).
       row.update(ours_all_s=ours_t, fp32_peak_near=peak_near)
       peaks.extend(peak_near)
     rows.append(row)
     log(f"{variant} p={p:2d}: ref {row['ref_s'] * 1e3:8.0f} ms  ours {row['ours_s'] * 1e3:8.0f} ms"
         f"  speedup {row['ref_s'] / row['ours_s']:.2f}x  (ref lazy compile "
-        f"{row['ref_compile_s']:.1f}s)")
+        f"{row['ref_compile_s']:.1f}s; page faults/step ref {row['ref_faults']} ours "
+        f"{row['ours_faults']})")
   peaks.append(matmul_peak(jnp.float32))
   peak = max(peaks)
   n = args.batch * len(rows)
@@ -445,4 +461,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  host.reexec_with_hugepages()  # Before any step runs (flexi/host.py).
   main()

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from flexi import config as config_lib
-from flexi import optim, patch_sampler, sharding, steps, train_loop
+from flexi import host, optim, patch_sampler, sharding, steps, train_loop
 from trainers import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -155,4 +155,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  host.reexec_with_hugepages()  # Before any step runs (flexi/host.py).
   main()

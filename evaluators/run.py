@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 import evaluators as evaluators_lib
-from flexi import ckpt_manager, checkpoint, cli, distributed, patch_sampler
+from flexi import checkpoint, ckpt_manager, cli, distributed, host, patch_sampler
 from flexi import sharding, train_loop
 from flexi import config as config_lib
 
@@ -183,4 +183,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  host.reexec_with_hugepages()  # Before any step runs (flexi/host.py).
   sys.exit(main())

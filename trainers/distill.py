@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 import evaluators.distance as dd  # Registers the "distance" evaluator.
-from flexi import checkpoint, ckpt_manager, cli, losses, train_loop, vit
+from flexi import checkpoint, ckpt_manager, cli, host, losses, train_loop, vit
 from flexi import config as config_lib
 
 SCHEMA = config_lib.base_schema().extend(
@@ -241,4 +241,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  host.reexec_with_hugepages()  # Before any step runs (flexi/host.py).
   main()

@@ -15,7 +15,7 @@ import sys
 
 import jax
 
-from flexi import cli, train_loop, two_tower
+from flexi import cli, host, train_loop, two_tower
 from flexi import config as config_lib
 
 TEXT_KEY = "labels"
@@ -128,4 +128,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  host.reexec_with_hugepages()  # Before any step runs (flexi/host.py).
   main()

@@ -12,7 +12,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from flexi import cli, losses, train_loop, vit
+from flexi import cli, host, losses, train_loop, vit
 
 
 def make_model(config):
@@ -56,4 +56,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  host.reexec_with_hugepages()  # Before any step runs (flexi/host.py).
   main()

@@ -1,0 +1,81 @@
+"""Host memory setting for XLA:CPU that glibc only reads when a process starts.
+
+XLA:CPU allocates an executable's temporary buffer (hundreds of MiB for a train step)
+at every call, and glibc serves an allocation that large with a fresh `mmap` that it
+unmaps again on free. So every step the kernel zero-fills the buffer one 4 KiB page
+fault at a time: ~105,000 faults per FlexiViT-Ti/16 step at batch 8, a quarter of its
+time on the 2-core dev machine (docs/benchmarks.md). glibc's tunable
+`glibc.malloc.hugetlb=1` (glibc >= 2.35) backs those mappings with transparent huge
+pages (2 MiB), which removes nearly all of the faults. Tunables are read at process
+start, so the command-line entry points call `reexec_with_hugepages()` first: it
+restarts the same command once, same PID, with the tunable added to GLIBC_TUNABLES.
+Set FLEXI_HUGEPAGES=0 to keep the process as it was started.
+"""
+import os
+import sys
+from typing import Mapping, Optional
+
+TUNABLE = "glibc.malloc.hugetlb=1"
+OPT_OUT = "FLEXI_HUGEPAGES"
+_THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
+_DONE = "_FLEXI_HUGEPAGES_REEXECED"  # Set in the restarted process: never restart twice.
+
+
+def glibc_version() -> Optional[tuple]:
+  """(major, minor) of the running glibc, None elsewhere (macOS, musl, Windows)."""
+  try:
+    name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+  except (AttributeError, ValueError, OSError, TypeError):
+    return None
+  if name != "glibc":
+    return None
+  try:
+    return tuple(int(x) for x in version.split(".")[:2])
+  except ValueError:
+    return None
+
+
+def thp_mode(path: str = _THP_MODE) -> Optional[str]:
+  """The kernel's transparent-huge-page mode ('always', 'madvise', 'never') or None."""
+  try:
+    with open(path) as f:
+      text = f.read()
+  except OSError:
+    return None
+  start, end = text.find("["), text.find("]")
+  return text[start + 1:end] if 0 <= start < end else None
+
+
+def needs_reexec(environ: Mapping[str, str], glibc: Optional[tuple],
+                 mode: Optional[str]) -> bool:
+  """True when adding the tunable would change something and nobody said no.
+
+  Only the kernel's 'madvise' mode needs it: 'always' already backs large mappings with
+  huge pages, 'never' cannot.
+  """
+  if environ.get(OPT_OUT, "1") == "0" or _DONE in environ:
+    return False
+  if glibc is None or glibc < (2, 35) or mode != "madvise":
+    return False
+  return "glibc.malloc.hugetlb" not in environ.get("GLIBC_TUNABLES", "")
+
+
+def with_tunable(environ: Mapping[str, str]) -> dict:
+  """A copy of `environ` with TUNABLE appended to GLIBC_TUNABLES (':'-separated)."""
+  env = dict(environ)
+  env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), TUNABLE]))
+  env[_DONE] = "1"
+  return env
+
+
+def reexec_with_hugepages():
+  """Restarts this command with TUNABLE if `needs_reexec`; returns otherwise.
+
+  Call it first in a `__main__` block, never from library code or tests (it replaces
+  the running process).
+  """
+  if not needs_reexec(os.environ, glibc_version(), thp_mode()):
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], with_tunable(os.environ))

@@ -1,0 +1,84 @@
+"""flexi.host: when the entry points restart with glibc's huge-page tunable, and that it works."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from flexi import host
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("environ,glibc,mode,expected", [
+    ({}, (2, 36), "madvise", True),
+    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, (2, 36), "madvise", True),
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, (2, 36), "madvise", False),  # User's choice.
+    ({host.OPT_OUT: "0"}, (2, 36), "madvise", False),
+    ({host.OPT_OUT: "1"}, (2, 40), "madvise", True),
+    ({"_FLEXI_HUGEPAGES_REEXECED": "1"}, (2, 36), "madvise", False),  # Never twice.
+    ({}, (2, 34), "madvise", False),  # Tunable unknown before glibc 2.35.
+    ({}, None, "madvise", False),  # musl, macOS.
+    ({}, (2, 36), "always", False),  # Huge pages already used.
+    ({}, (2, 36), "never", False),
+    ({}, (2, 36), None, False),
+])
+def test_needs_reexec(environ, glibc, mode, expected):
+  assert host.needs_reexec(environ, glibc, mode) is expected
+
+
+def test_with_tunable_appends_and_marks():
+  env = host.with_tunable({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "A": "b"})
+  assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+  assert env["A"] == "b" and not host.needs_reexec(env, (2, 36), "madvise")
+  assert host.with_tunable({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+
+
+def test_thp_mode_reads_the_bracketed_choice(tmp_path):
+  path = tmp_path / "enabled"
+  path.write_text("always [madvise] never\n")
+  assert host.thp_mode(str(path)) == "madvise"
+  path.write_text("[always] madvise never\n")
+  assert host.thp_mode(str(path)) == "always"
+  assert host.thp_mode(str(tmp_path / "missing")) is None
+
+
+_CHILD = """
+import ctypes, json, os, resource, sys
+from flexi import host
+host.reexec_with_hugepages()
+libc = ctypes.CDLL(None)  # glibc's malloc itself (numpy madvises large arrays on its own).
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+faults = []
+for _ in range(3):  # Like a step's temporaries: a large buffer allocated, filled, freed.
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  buffer = libc.malloc(64 << 20)
+  ctypes.memset(buffer, 1, 64 << 20)
+  libc.free(buffer)
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps(dict(pid=os.getpid(), tunables=os.environ.get("GLIBC_TUNABLES", ""),
+                      argv=sys.argv, faults=min(faults))))
+"""
+
+
+def _run_child(**env_overrides):
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("GLIBC_TUNABLES", "_FLEXI_HUGEPAGES_REEXECED")}
+  env.update(env_overrides, PYTHONPATH=ROOT)
+  proc = subprocess.run([sys.executable, "-c", _CHILD, "--flag", "x"], env=env, cwd=ROOT,
+                        capture_output=True, text=True, check=True, timeout=120)
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not host.needs_reexec({}, host.glibc_version(), host.thp_mode()),
+                    reason="needs glibc >= 2.35 and the kernel's THP mode 'madvise'")
+def test_restarted_process_keeps_argv_and_faults_far_fewer_pages():
+  plain = _run_child(FLEXI_HUGEPAGES="0")
+  huge = _run_child()
+  assert plain["tunables"] == "" and huge["tunables"] == host.TUNABLE
+  assert huge["argv"] == plain["argv"] == ["-c", "--flag", "x"]
+  pages_4k = (64 << 20) // 4096
+  assert plain["faults"] >= 0.9 * pages_4k  # Every 4 KiB page faulted in afresh...
+  assert huge["faults"] <= 0.1 * pages_4k  # ...vs 2 MiB pages.
