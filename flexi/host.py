@@ -74,7 +74,8 @@ def reexec_with_hugepages():
   Call it first in a `__main__` block, never from library code or tests (it replaces
   the running process).
   """
-  if not needs_reexec(os.environ, glibc_version(), thp_mode()):
+  # (An embedded interpreter has no sys.executable to restart.)
+  if not sys.executable or not needs_reexec(os.environ, glibc_version(), thp_mode()):
     return
   sys.stdout.flush()
   sys.stderr.flush()
