@@ -21,8 +21,8 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import resource
+import subprocess
 import sys
 import tempfile
 import time
