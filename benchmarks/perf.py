@@ -194,25 +194,24 @@ def section_step(args, variant):
     ref_state[0], ref_state[1], loss = ref_step(*ref_state, *batch, (p, p))
     loss.block_until_ready()
     ref_first = time.perf_counter() - t0
-    ours_state[0], ours_state[1], _ = jax.block_until_ready(compiled[p](*ours_state, *batch))
-    ref_t, ours_t, faults = [], [], {"ref": [], "ours": []}
 
-    def run_ref():
-      f0, t0 = minor_faults(), time.perf_counter()
+    def ref_update():
       ref_state[0], ref_state[1], _ = jax.block_until_ready(ref_step(*ref_state, *batch, (p, p)))
-      ref_t.append(time.perf_counter() - t0)
-      faults["ref"].append(minor_faults() - f0)
 
-    def run_ours():
-      if p in FLOP_PATCHES:
-        peak_near.append(matmul_peak(jnp.float32))
-      f0, t0 = minor_faults(), time.perf_counter()
+    def ours_update():
       ours_state[0], ours_state[1], _ = jax.block_until_ready(compiled[p](*ours_state, *batch))
-      ours_t.append(time.perf_counter() - t0)
-      faults["ours"].append(minor_faults() - f0)
+    ours_update()  # Warm-up (the reference's first call was its compile, above).
+    updates = {"ref": ref_update, "ours": ours_update}
+    secs, faults = {"ref": [], "ours": []}, {"ref": [], "ours": []}
     for i in range(args.steps):  # Interleaved, alternating order: same machine load.
-      for run in ((run_ref, run_ours) if i % 2 else (run_ours, run_ref)):
-        run()
+      for side in (("ref", "ours") if i % 2 else ("ours", "ref")):
+        if side == "ours" and p in FLOP_PATCHES:
+          peak_near.append(matmul_peak(jnp.float32))
+        f0, t0 = minor_faults(), time.perf_counter()
+        updates[side]()
+        secs[side].append(time.perf_counter() - t0)
+        faults[side].append(minor_faults() - f0)
+    ref_t, ours_t = secs["ref"], secs["ours"]
     row = dict(patch=p, ref_s=min(ref_t), ours_s=min(ours_t),
                ref_compile_s=max(0.0, ref_first - min(ref_t)),
                ref_faults=min(faults["ref"]), ours_faults=min(faults["ours"]))
