@@ -5,7 +5,7 @@ reference and ours interleaved, because the machine is shared and absolute times
 drift. Run from the repo root:
 
   python -m benchmarks.perf                 # all sections (~20 min on 2 busy cores)
-  python -m benchmarks.perf --quick         # batch 4, 1 timed step, fewer sizes
+  python -m benchmarks.perf --quick         # batch 4, 2 timed steps, fewer sizes
   python -m benchmarks.perf --sections resize,memory --json /tmp/perf.json
 
 Sections: resize (PI-resize setup), step (train-step img/s per patch size and over a
@@ -180,8 +180,9 @@ def training_mix(args, updates_for):
   Each round is one permutation of `args.patches` (uniform; seeded, so both sides run
   the same sequence), run by one formulation and then the other, alternating which
   goes first. Unlike the per-size rows (the same program repeated), consecutive steps
-  here are different programs, so a step cannot reuse the pages the previous one
-  freed: fresh temporaries cost what they cost in training.
+  here are different programs, so a step does not get back the pages its own program
+  just freed: fresh temporaries cost what they cost in training (docs/benchmarks.md,
+  "Training order").
   """
   order = np.random.default_rng(0)
   secs, sys_secs = {"ref": 0.0, "ours": 0.0}, {"ref": 0.0, "ours": 0.0}
@@ -277,7 +278,8 @@ def section_step(args, variant):
   n = args.batch * len(rows)
   ref_ips = n / sum(r["ref_s"] for r in rows)
   ours_ips = n / sum(r["ours_s"] for r in rows)
-  out = dict(rows=rows, mix=mix, ref_img_s=ref_ips, ours_img_s=ours_ips, speedup=ours_ips / ref_ips,
+  out = dict(rows=rows, mix=mix, ref_img_s=ref_ips, ours_img_s=ours_ips,
+             speedup=ours_ips / ref_ips,
              mean_img_s_speedup=float(np.mean([r["ref_s"] / r["ours_s"] for r in rows])),
              ours_compile_all_s=ours_compile,
              ref_compile_all_s=sum(r["ref_compile_s"] for r in rows), fp32_peak=peak,
@@ -481,6 +483,9 @@ def parse_args(argv=None):
   args.mix_rounds = args.mix_rounds or (2 if args.quick else 4)
   if args.compile_patches is None:
     args.compile_patches = (48, 16, 8) if args.quick else args.patches
+  for name in ("batch", "steps", "mix_rounds"):
+    if getattr(args, name) < 1:
+      parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
   known = {"resize", "step", "compile", "cache", "memory"}
   args.sections = args.sections.split(",")
   bad = [s for s in args.sections if s not in known]
