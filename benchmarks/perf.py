@@ -72,6 +72,11 @@ def minor_faults():
   return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+def system_seconds():
+  """Kernel CPU time so far (zero-filling fresh pages for a step's temporaries)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_stime
+
+
 # --- Practical limit: a large matmul. ---------------------------------------------
 
 def matmul_peak(dtype, n=2048, reps=5):
@@ -169,11 +174,6 @@ def model_flops(variant, tx, params, opt_state, batch, p):
   return step.lower(params, opt_state, *batch, (p, p)).cost_analysis()["flops"]
 
 
-def system_seconds():
-  """Kernel CPU time so far (zero-filling fresh pages for a step's temporaries)."""
-  return resource.getrusage(resource.RUSAGE_SELF).ru_stime
-
-
 def training_mix(args, updates_for):
   """Train img/s as a FlexiViT run sees it: a new random patch size at every step.
 
@@ -185,7 +185,6 @@ def training_mix(args, updates_for):
   "Training order").
   """
   order = np.random.default_rng(0)
-  secs, sys_secs = {"ref": 0.0, "ours": 0.0}, {"ref": 0.0, "ours": 0.0}
   rounds = []
   for i in range(args.mix_rounds):
     sequence = [int(p) for p in order.permutation(args.patches)]
@@ -198,15 +197,14 @@ def training_mix(args, updates_for):
         t0 = time.perf_counter()
         steps[p][side]()
         times.append(time.perf_counter() - t0)
-      secs[side] += sum(times)
-      sys_secs[side] += system_seconds() - s0
-      row[f"{side}_s"] = times
+      row[f"{side}_s"], row[f"{side}_sys_s"] = times, system_seconds() - s0
     rounds.append(row)
+  secs = {side: sum(sum(r[f"{side}_s"]) for r in rounds) for side in ("ref", "ours")}
   n = args.batch * len(args.patches) * args.mix_rounds
   return dict(rounds=rounds, ref_img_s=n / secs["ref"], ours_img_s=n / secs["ours"],
               speedup=secs["ref"] / secs["ours"],
-              ref_sys_s=sys_secs["ref"] / args.mix_rounds,
-              ours_sys_s=sys_secs["ours"] / args.mix_rounds)
+              **{f"{side}_sys_s": float(np.mean([r[f"{side}_sys_s"] for r in rounds]))
+                 for side in ("ref", "ours")})
 
 
 def section_step(args, variant):
