@@ -55,7 +55,8 @@ def source_fingerprint(root: str = _ROOT, dirs=_SOURCE_DIRS) -> str:
   return h.hexdigest()
 
 
-def _versions():
+@functools.lru_cache(maxsize=None)
+def _versions():  # Cached: reading package metadata costs ~1 ms a package.
   out = {}
   for pkg in _PACKAGES:
     try:
@@ -65,10 +66,16 @@ def _versions():
   return out
 
 
+@functools.lru_cache(maxsize=4096)
+def _describe_array(shape, dtype, sharding):
+  return f"{shape}:{dtype}:{sharding}"
+
+
 def _describe(x):
   """Stable text for an abstract argument leaf (shape, dtype, sharding)."""
   if hasattr(x, "shape") and hasattr(x, "dtype"):
-    return f"{tuple(x.shape)}:{x.dtype}:{getattr(x, 'sharding', None)}"
+    # Cached: a model has thousands of leaves but few distinct (shape, dtype, sharding).
+    return _describe_array(tuple(x.shape), x.dtype, getattr(x, "sharding", None))
   return repr(x)
 
 

@@ -157,8 +157,9 @@ class MultiHeadAttention(nn.Module):
     if d % self.num_heads:
       raise ValueError(f"width {d} is not divisible by num_heads={self.num_heads}")
     heads = (self.num_heads, d // self.num_heads)
-    q, k, v = (MatmulDenseGeneral((d, *heads), 1, dtype=self.dtype, name=name)(x)
-               for name in ("query", "key", "value"))
+    rows = x.reshape(-1, d)  # Once: the three projections then share one saved input.
+    q, k, v = (MatmulDenseGeneral((d, *heads), 1, dtype=self.dtype, name=name)(rows)
+               .reshape(*x.shape[:-1], *heads) for name in ("query", "key", "value"))
     out = attention_fn(self.attention)(q, k, v, dtype=self.dtype)
     return MatmulDenseGeneral((*heads, d), 2, dtype=self.dtype, name="out")(out)
 

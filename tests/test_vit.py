@@ -1,5 +1,10 @@
 """The flexible ViT: big_vision param names, forward at every patch size, errors."""
+import contextlib
+import io
+import re
+
 import jax
+from jax import ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -222,3 +227,38 @@ def test_matmul_attention_equals_flax_module_params_values_and_gradients():
   assert vit.MultiHeadAttention(num_heads=3, dtype=jnp.bfloat16).apply(v, x).dtype == jnp.bfloat16
   with pytest.raises(ValueError, match="width 48 is not divisible by num_heads=5"):
     vit.MultiHeadAttention(num_heads=5).init(jax.random.PRNGKey(1), x)
+
+
+def _saved_activation_floats_per_token(module, variables, x):
+  """Floats the backward pass keeps per token (what nn.scan stacks per layer), read
+  from jax.ad_checkpoint.print_saved_residuals; params and constants excluded."""
+  text = io.StringIO()
+  with contextlib.redirect_stdout(text):
+    ad_checkpoint.print_saved_residuals(lambda v, x: module.apply(v, x).sum(), variables, x)
+  tokens = x.shape[0] * x.shape[1]
+  floats = 0
+  for line in text.getvalue().splitlines():
+    shape = re.match(r"f32\[([\d,]*)\]", line)
+    assert shape, line
+    size = int(np.prod([int(s) for s in shape.group(1).split(",") if s]))
+    if size % tokens == 0:  # Activations scale with tokens; weights here do not.
+      floats += size
+  return floats / tokens
+
+
+def test_block_saves_each_activation_once():
+  """Activations one block keeps for its backward, per token (width d, MLP 4d): its
+  input, the LN1 output (once, shared by the q/k/v projections), the attention output
+  (the out projection's input), the residual sum and the LN2 output (5d), the MLP
+  hidden before and after GELU (8d), LayerNorm statistics (4); blocked attention adds
+  q, k, v and its output heads-first (4d) and one log-sum-exp per head, flax's adds
+  k, v, the scaled q (3d) and the probabilities twice (2 * heads * tokens) plus two
+  per-row values per head. nn.scan stacks exactly these per layer."""
+  d, heads, n = 48, 3, 65
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, n, d))
+  expected = {"blocked": 17 * d + 4 + heads,
+              "flax": 16 * d + 4 + 2 * heads * n + 2 * heads}
+  for attention, floats in expected.items():
+    block = vit.Encoder1DBlock(mlp_dim=4 * d, num_heads=heads, attention=attention)
+    variables = block.init(jax.random.PRNGKey(1), x)
+    assert _saved_activation_floats_per_token(block, variables, x) == floats, attention
