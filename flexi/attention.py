@@ -116,7 +116,12 @@ _ATTENTION = {"flax": nn.dot_product_attention, "xla": xla_attention,
 
 
 def attention_fn(name):
-  """'flax' (default, big_vision's), 'xla', 'blocked' or 'auto'; all the same math."""
+  """'flax' (default, big_vision's), 'xla', 'blocked' or 'auto'; all the same math.
+
+  A callable with flax's `attention_fn` signature is returned as it is (benchmarks
+  swap in stand-ins; params never depend on it)."""
+  if callable(name):
+    return name
   if name not in _ATTENTION:
     raise ValueError(f"unknown attention {name!r}; choose one of {sorted(_ATTENTION)}")
   return _ATTENTION[name]

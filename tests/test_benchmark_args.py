@@ -1,4 +1,5 @@
-"""benchmarks.perf rejects bad arguments with one line that names them."""
+"""benchmarks.perf and benchmarks.ceiling: bad arguments are one-line errors that name
+them; the ceiling's FLOP split."""
 import pytest
 
 from benchmarks import perf
@@ -23,3 +24,30 @@ def test_defaults_and_quick():
   quick = perf.parse_args(["--quick"])
   assert (quick.batch, quick.steps, quick.mix_rounds) == (4, 2, 2)
   assert quick.compile_patches == (48, 16, 8)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--patches", "16,9"], "patch size(s) [9] do not tile 240px"),
+    (["--reps", "0"], "--reps must be >= 1, got 0"),
+    (["--batch", "-1"], "--batch must be >= 1, got -1"),
+])
+def test_ceiling_bad_arguments_name_the_culprit(argv, message, capsys):
+  from benchmarks import ceiling  # pylint: disable=import-outside-toplevel
+  with pytest.raises(SystemExit):
+    ceiling.parse_args(argv)
+  assert message in capsys.readouterr().err
+
+
+def test_ceiling_splits_the_flops_into_attention_core_and_rest():
+  """The core's FLOPs (whole minus the no-core program) are the six attention
+  contractions per layer, 2 * b * heads * n^2 * head_dim each, plus the softmax's
+  elementwise work; and the ceiling follows from the parts' times."""
+  from benchmarks import ceiling  # pylint: disable=import-outside-toplevel
+  row = ceiling.measure("Ti", 48, batch=1, reps=1)
+  n, heads, head_dim, depth = 26, 3, 64, 12
+  contractions = 6 * 2 * heads * n * n * head_dim * depth
+  assert contractions <= row["flops"]["core"] <= 1.1 * contractions
+  assert row["flops"]["rest"] + row["flops"]["core"] == row["flops"]["whole"]
+  t = row["seconds"]
+  assert row["ceiling"] == pytest.approx(
+      row["flops"]["whole"] / (t["rest"] + t["core"]) / row["peak"])
