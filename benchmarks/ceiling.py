@@ -52,8 +52,8 @@ def _core_fn(batch, tokens, heads, head_dim):
 
 
 def measure(variant, p, batch, reps):
-  params = perf._init_params(variant)  # pylint: disable=protected-access
-  images, labels = perf._data(batch)  # pylint: disable=protected-access
+  params = perf.init_params(variant)
+  images, labels = perf.synthetic_batch(batch)
   cfg = vit.decode_variant(variant)
   tokens = (perf.RES // p) ** 2 + 1  # + the class token.
   fns = {"whole": _grad_fn(variant, "auto"), "rest": _grad_fn(variant, no_core)}

@@ -119,12 +119,14 @@ def section_resize(args):
 
 # --- Train step. ------------------------------------------------------------------
 
-def _data(batch):
+def synthetic_batch(batch):
+  """(images, one-hot labels) at 240px: what every timed step here trains on."""
   images = jax.random.normal(jax.random.PRNGKey(1), (batch, RES, RES, 3))
   return images, jax.nn.one_hot(jnp.arange(batch) % 1000, 1000)  # As the input pipeline.
 
 
-def _init_params(variant):
+def init_params(variant):
+  """A FlexiViT-`variant` (1000 classes, class token) in big_vision's per-layer layout."""
   model = vit.Model(1000, variant=variant, pool_type="tok")
   return jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, RES, RES, 3)))["params"]
 
@@ -209,8 +211,8 @@ def training_mix(args, updates_for):
 
 def section_step(args, variant):
   tx = optax.sgd(0.1, momentum=0.9)
-  batch = _data(args.batch)
-  params = _init_params(variant)
+  batch = synthetic_batch(args.batch)
+  params = init_params(variant)
   ours_kw = dict(OURS, scan=args.scan)
   ours_model = vit.Model(1000, variant=variant, pool_type="tok", **ours_kw)
   ref_model = reference.Model(1000, variant=variant, pool_type="tok")
@@ -318,8 +320,8 @@ def section_compile(args):
   """Every way of compiling all sizes, `--compile-reps` rounds in alternation from cold
   in-memory caches; the minimum per way (compile times drift +-20% between rounds)."""
   tx = optax.sgd(0.1, momentum=0.9)
-  batch = _data(args.batch)
-  params = _init_params("Ti")
+  batch = synthetic_batch(args.batch)
+  params = init_params("Ti")
   warm_tf()
   ways = {"reference lazy": None}
   for scan, threads in ((False, 1), (False, args.threads), (True, args.threads)):
@@ -352,13 +354,13 @@ def cache_child(args):
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   tx = optax.sgd(0.1, momentum=0.9)
-  params = _init_params(args.variants[0])
+  params = init_params(args.variants[0])
   if args.scan:
     params = vit.layers_to_scan(params)
   model = vit.Model(1000, variant=args.variants[0], pool_type="tok", scan=args.scan, **OURS)
   cache = exec_cache.ExecutableCache(os.path.join(args.cache_dir, "executables"))
   context = json.dumps(dict(variant=args.variants[0], scan=args.scan, ours=OURS))
-  _, secs = compile_all(model, tx, params, tx.init(params), _data(args.batch), args.patches,
+  _, secs = compile_all(model, tx, params, tx.init(params), synthetic_batch(args.batch), args.patches,
                         args.threads, cache=cache, context=context)
   print(json.dumps(dict(compile_s=secs)))
 

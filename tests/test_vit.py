@@ -231,7 +231,8 @@ def test_matmul_attention_equals_flax_module_params_values_and_gradients():
 
 def _saved_activation_floats_per_token(module, variables, x):
   """Floats the backward pass keeps per token (what nn.scan stacks per layer), read
-  from jax.ad_checkpoint.print_saved_residuals; params and constants excluded."""
+  from jax.ad_checkpoint.print_saved_residuals; weights and scalars, whose sizes do not
+  scale with the tokens, are left out."""
   text = io.StringIO()
   with contextlib.redirect_stdout(text):
     ad_checkpoint.print_saved_residuals(lambda v, x: module.apply(v, x).sum(), variables, x)
