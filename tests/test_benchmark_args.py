@@ -2,18 +2,21 @@
 them; the ceiling's FLOP split."""
 import pytest
 
-from benchmarks import perf
+from benchmarks import ceiling, perf
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--sections", "step,speed"], "unknown section(s) ['speed']"),
-    (["--patches", "16,7"], "patch size(s) [7] do not tile 240px"),
-    (["--mix-rounds", "-1"], "--mix-rounds must be >= 1, got -1"),
-    (["--steps", "-2"], "--steps must be >= 1, got -2"),
+@pytest.mark.parametrize("script, argv, message", [
+    (perf, ["--sections", "step,speed"], "unknown section(s) ['speed']"),
+    (perf, ["--patches", "16,7"], "patch size(s) [7] do not tile 240px"),
+    (perf, ["--mix-rounds", "-1"], "--mix-rounds must be >= 1, got -1"),
+    (perf, ["--steps", "-2"], "--steps must be >= 1, got -2"),
+    (ceiling, ["--patches", "16,9"], "patch size(s) [9] do not tile 240px"),
+    (ceiling, ["--reps", "0"], "--reps must be >= 1, got 0"),
+    (ceiling, ["--batch", "-1"], "--batch must be >= 1, got -1"),
 ])
-def test_bad_arguments_name_the_culprit(argv, message, capsys):
+def test_bad_arguments_name_the_culprit(script, argv, message, capsys):
   with pytest.raises(SystemExit):
-    perf.parse_args(argv)
+    script.parse_args(argv)
   assert message in capsys.readouterr().err
 
 
@@ -26,23 +29,10 @@ def test_defaults_and_quick():
   assert quick.compile_patches == (48, 16, 8)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--patches", "16,9"], "patch size(s) [9] do not tile 240px"),
-    (["--reps", "0"], "--reps must be >= 1, got 0"),
-    (["--batch", "-1"], "--batch must be >= 1, got -1"),
-])
-def test_ceiling_bad_arguments_name_the_culprit(argv, message, capsys):
-  from benchmarks import ceiling  # pylint: disable=import-outside-toplevel
-  with pytest.raises(SystemExit):
-    ceiling.parse_args(argv)
-  assert message in capsys.readouterr().err
-
-
 def test_ceiling_splits_the_flops_into_attention_core_and_rest():
   """The core's FLOPs (whole minus the no-core program) are the six attention
   contractions per layer, 2 * b * heads * n^2 * head_dim each, plus the softmax's
   elementwise work; and the ceiling follows from the parts' times."""
-  from benchmarks import ceiling  # pylint: disable=import-outside-toplevel
   row = ceiling.measure("Ti", 48, batch=1, reps=1)
   n, heads, head_dim, depth = 26, 3, 64, 12
   contractions = 6 * 2 * heads * n * n * head_dim * depth
