@@ -98,12 +98,7 @@ def parse_args(argv=None):
   parser.add_argument("--reps", type=int, default=5, help="timed rounds (min is kept)")
   parser.add_argument("--json", default=None, help="write the rows here")
   args = parser.parse_args(argv)
-  for name in ("batch", "reps"):
-    if getattr(args, name) < 1:
-      parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-  bad = sorted({p for p in args.patches if perf.RES % p})
-  if bad:
-    parser.error(f"patch size(s) {bad} do not tile {perf.RES}px")
+  perf.check_args(parser, args, ("batch", "reps"), args.patches)
   return args
 
 

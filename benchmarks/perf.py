@@ -360,8 +360,8 @@ def cache_child(args):
   model = vit.Model(1000, variant=args.variants[0], pool_type="tok", scan=args.scan, **OURS)
   cache = exec_cache.ExecutableCache(os.path.join(args.cache_dir, "executables"))
   context = json.dumps(dict(variant=args.variants[0], scan=args.scan, ours=OURS))
-  _, secs = compile_all(model, tx, params, tx.init(params), synthetic_batch(args.batch), args.patches,
-                        args.threads, cache=cache, context=context)
+  _, secs = compile_all(model, tx, params, tx.init(params), synthetic_batch(args.batch),
+                        args.patches, args.threads, cache=cache, context=context)
   print(json.dumps(dict(compile_s=secs)))
 
 
@@ -483,18 +483,25 @@ def parse_args(argv=None):
   args.mix_rounds = args.mix_rounds or (2 if args.quick else 4)
   if args.compile_patches is None:
     args.compile_patches = (48, 16, 8) if args.quick else args.patches
-  for name in ("batch", "steps", "mix_rounds"):
-    if getattr(args, name) < 1:
-      parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
   known = {"resize", "step", "compile", "cache", "memory"}
   args.sections = args.sections.split(",")
   bad = [s for s in args.sections if s not in known]
   if bad:
     parser.error(f"unknown section(s) {bad}; known: {sorted(known)}")
-  bad = sorted({p for p in args.patches + args.compile_patches if RES % p})
+  check_args(parser, args, ("batch", "steps", "mix_rounds"),
+             args.patches + args.compile_patches)
+  return args
+
+
+def check_args(parser, args, counts, patches):
+  """One-line parser errors (shared with benchmarks.ceiling): each of `counts` must be
+  >= 1 and every patch size must tile the RES-px image."""
+  for name in counts:
+    if getattr(args, name) < 1:
+      parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+  bad = sorted({p for p in patches if RES % p})
   if bad:
     parser.error(f"patch size(s) {bad} do not tile {RES}px")
-  return args
 
 
 def main(argv=None):
