@@ -32,6 +32,8 @@ import jax
 from jax._src import config as jax_config  # Thread-local switch for the persistent cache.
 from jax.experimental import serialize_executable
 
+from flexi import native_attention
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SOURCE_DIRS = ("flexi", "trainers", "evaluators", "input_pipeline")  # mixup runs in-step.
 _JAX_FLAGS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_default_prng_impl",
@@ -41,13 +43,13 @@ _PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "ml_collections")
 
 @functools.lru_cache(maxsize=None)
 def source_fingerprint(root: str = _ROOT, dirs=_SOURCE_DIRS) -> str:
-  """sha256 over the codebase's .py files (path and content): code edits change it."""
+  """sha256 over the codebase's .py and .cc files (path and content): edits change it."""
   h = hashlib.sha256()
   for d in dirs:
     for base, subdirs, files in sorted(os.walk(os.path.join(root, d))):
       subdirs.sort()
       for name in sorted(files):
-        if name.endswith(".py"):
+        if name.endswith((".py", ".cc")):
           path = os.path.join(base, name)
           h.update(os.path.relpath(path, root).encode())
           with open(path, "rb") as f:
@@ -146,6 +148,8 @@ class ExecutableCache:
     path = self._path(key)
     if not os.path.exists(path):
       return None
+    if jax.default_backend() == "cpu":
+      native_attention.available()  # A program may call its FFI targets: register them.
     try:
       with open(path, "rb") as f:
         payload, in_tree, out_tree = pickle.load(f)

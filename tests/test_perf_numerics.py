@@ -73,7 +73,7 @@ def test_scanned_checkpoint_saves_big_vision_names(setup, tmp_path):
                              rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("attention", ["xla", "blocked", "auto"])
+@pytest.mark.parametrize("attention", ["xla", "blocked", "native", "auto"])
 def test_attention_impls_equal_default(setup, attention):
   params, images = setup
   np.testing.assert_allclose(_logits(params, images, attention=attention),

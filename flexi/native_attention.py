@@ -1,0 +1,206 @@
+"""Fused CPU attention: `flexi/native/attention.cc` called through the XLA FFI.
+
+XLA:CPU runs attention as separate batched dots of width d (64 in every ViT) with the
+scores going through memory in between; at 226 tokens that core ran at ~29% of the
+matmul peak and held FlexiViT-Ti's train step below 60% (`benchmarks/ceiling.py`).
+The kernel does one (example, head) slice per task on XLA's own thread pool: scores
+stay in a per-thread buffer, the five products are OpenBLAS sgemm calls that read
+the (batch, tokens, heads, dim) layout in place, and the backward recomputes the
+probabilities from the saved log-sum-exp. Same math as flax's attention.
+
+The library is compiled on first use with the system C++ compiler (`$CXX`, default
+g++) against jaxlib's FFI headers and the `scipy-openblas32` wheel, and cached under
+`$FLEXI_NATIVE_CACHE` (default `~/.cache/flexi/native`), keyed by the source, the
+compiler, the versions and the CPU's feature flags (it is built with -march=native).
+CPU only; `attention="auto"` uses it on a single-device CPU backend when it builds.
+"""
+import contextlib
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shlex
+import subprocess
+import tempfile
+import threading
+
+import jax
+import jax.numpy as jnp
+
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native", "attention.cc")
+_FORWARD, _BACKWARD = "flexi_attention_forward", "flexi_attention_backward"
+_COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-std=c++17", "-w")
+
+
+class NativeAttentionUnavailable(RuntimeError):
+  """The kernel cannot be built or loaded here (the message says why)."""
+
+
+def _cpu_flags() -> str:
+  with contextlib.suppress(OSError):
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("flags"):
+          return line
+  return platform.processor() or platform.machine()
+
+
+@contextlib.contextmanager
+def _blas_coretype():
+  """OpenBLAS picks its kernels when it loads, from $OPENBLAS_CORETYPE if set; the
+  kernel's copy detects the CPU itself (FLEXI_BLAS_CORETYPE forces one) so that a
+  process-wide setting meant for numpy (e.g. Haswell kernels on an AVX-512 machine,
+  2x slower here) does not apply to it. numpy's own OpenBLAS is a separate library."""
+  old = os.environ.pop("OPENBLAS_CORETYPE", None)
+  if os.environ.get("FLEXI_BLAS_CORETYPE"):
+    os.environ["OPENBLAS_CORETYPE"] = os.environ["FLEXI_BLAS_CORETYPE"]
+  try:
+    yield
+  finally:
+    os.environ.pop("OPENBLAS_CORETYPE", None)
+    if old is not None:
+      os.environ["OPENBLAS_CORETYPE"] = old
+
+
+def _blas():
+  try:
+    with _blas_coretype():  # Importing the wheel loads its library.
+      import scipy_openblas32  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise NativeAttentionUnavailable(
+        "native attention needs the scipy-openblas32 wheel (pip install -r requirements.txt)"
+    ) from e
+  return scipy_openblas32
+
+
+def _library_path() -> str:
+  blas = _blas()
+  cxx = os.environ.get("CXX", "g++")
+  with open(_SOURCE, "rb") as f:
+    source = f.read()
+  key = hashlib.sha256(repr((source, cxx, _COMPILE_FLAGS, jax.__version__, blas.__version__,
+                             _cpu_flags())).encode()).hexdigest()[:20]
+  directory = os.environ.get("FLEXI_NATIVE_CACHE") or os.path.join(
+      os.path.expanduser("~"), ".cache", "flexi", "native")
+  return os.path.join(directory, f"attention-{key}.so")
+
+
+def _compile(path: str):
+  """Compile, then link without -ffast-math (so the process's float mode is untouched)."""
+  blas = _blas()
+  cxx = os.environ.get("CXX", "g++")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
+    obj, lib = os.path.join(tmp, "attention.o"), os.path.join(tmp, "attention.so")
+    commands = [
+        [cxx, *_COMPILE_FLAGS, f"-I{jax.ffi.include_dir()}", f"-I{blas.get_include_dir()}",
+         "-c", _SOURCE, "-o", obj],
+        [cxx, "-shared", obj, "-o", lib, f"-L{blas.get_lib_dir()}",
+         f"-l{blas.get_library()}", f"-Wl,-rpath,{blas.get_lib_dir()}", "-lm"],
+    ]
+    for command in commands:
+      try:
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+      except OSError as e:
+        raise NativeAttentionUnavailable(f"cannot run the C++ compiler {cxx!r}: {e}") from e
+      if done.returncode:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise NativeAttentionUnavailable(
+            f"building {_SOURCE} failed ({shlex.join(command[:2])} ...): {last}")
+    os.replace(lib, path)  # Atomic: concurrent builders (several hosts) never see half a file.
+
+
+_LOAD_LOCK = threading.Lock()  # Executable-cache loads run on threads.
+
+
+def load() -> ctypes.CDLL:
+  """Builds (once per machine) and loads the kernel, and registers its FFI targets.
+
+  Raises NativeAttentionUnavailable with the reason when that is not possible."""
+  with _LOAD_LOCK:
+    return _load_once()
+
+
+@functools.lru_cache(maxsize=None)
+def _load_once() -> ctypes.CDLL:
+  if platform.system() != "Linux":
+    raise NativeAttentionUnavailable(f"native attention is built for Linux, not {platform.system()}")
+  path = _library_path()
+  if not os.path.exists(path):
+    _compile(path)
+  with _blas_coretype():
+    lib = ctypes.CDLL(path)  # Loads OpenBLAS too if the import above did not.
+  lib.flexi_attention_blas_threads(1)  # One BLAS thread per task; tasks use XLA's pool.
+  lib.flexi_attention_blas_core.restype = ctypes.c_char_p
+  for name, symbol in ((_FORWARD, lib.FlexiAttentionForward),
+                       (_BACKWARD, lib.FlexiAttentionBackward)):
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
+  return lib
+
+
+def available() -> bool:
+  """Whether `load()` works here; logs the reason once when it does not."""
+  with _LOAD_LOCK:
+    return _available_once()
+
+
+@functools.lru_cache(maxsize=None)
+def _available_once() -> bool:
+  try:
+    _load_once()
+    return True
+  except NativeAttentionUnavailable as e:
+    logging.warning("native attention unavailable, using XLA's: %s", e)
+    return False
+
+
+def blas_core() -> str:
+  """OpenBLAS's kernel family in use (e.g. 'SkylakeX'), for benchmark records."""
+  return load().flexi_attention_blas_core().decode()
+
+
+def _shapes(*arrays):
+  return tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays)
+
+
+@jax.custom_vjp
+def _attend(q, k, v):
+  return _forward(q, k, v)[0]
+
+
+def _forward(q, k, v):
+  b, n, h, _ = q.shape
+  out, lse = jax.ffi.ffi_call(
+      _FORWARD, (*_shapes(q), jax.ShapeDtypeStruct((b, h, n), q.dtype)),
+      vmap_method="sequential")(q, k, v)
+  return out, (q, k, v, out, lse)
+
+
+def _backward(residuals, d_out):
+  q, k, v = residuals[:3]
+  return tuple(jax.ffi.ffi_call(_BACKWARD, _shapes(q, k, v), vmap_method="sequential")(
+      *residuals, d_out))
+
+
+_attend.defvjp(_forward, _backward)
+
+
+def native_attention(query, key, value, mask=None, dtype=None):
+  """softmax(q k^T / sqrt(d)) v on (batch, tokens, heads, dim) float32, fused on CPU.
+
+  Same signature and math as flax's `dot_product_attention`. Masks and other dtypes
+  are not fused: they raise, so that a config never silently runs something else
+  ("auto" checks first and falls back)."""
+  if mask is not None:
+    raise ValueError("attention='native' does not take a mask; use 'flax' or 'auto'")
+  if dtype is not None:
+    query, key, value = (t.astype(dtype) for t in (query, key, value))
+  if query.dtype != jnp.float32 or key.dtype != jnp.float32 or value.dtype != jnp.float32:
+    raise ValueError(f"attention='native' computes in float32, got {query.dtype}; "
+                     "use 'auto' for other dtypes")
+  if query.ndim != 4:
+    raise ValueError(f"attention='native' expects (batch, tokens, heads, dim), got {query.shape}")
+  load()
+  return _attend(query, key, value)
