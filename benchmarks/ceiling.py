@@ -1,4 +1,4 @@
-r"""How close the train step can get to the matmul peak with XLA:CPU's kernels.
+r"""How close the train step can get to the matmul peak with the kernels it runs.
 
   python -m benchmarks.ceiling                      # Ti and S at patches 16 and 8
   python -m benchmarks.ceiling --variants Ti --patches 16 --reps 3
@@ -11,7 +11,8 @@ times the step's gradient program in parts, in one process, interleaved (min of
           (q + k + v, so every projection keeps its work and gradient): projections,
           MLP, LayerNorm, embedding, head and loss;
   core    the attention core alone at the model's shapes (fwd + bwd, incl. its
-          layout changes), times the depth.
+          layout changes; on one CPU device the fused kernel of flexi/native), times
+          the depth.
 FLOPs come from XLA's cost analysis: `whole` counted on the flax-attention program
 (loops are counted once, so not on the blocked one), `rest` on its own program, and the
 core as their difference. If the parts ran back to back at their measured rates, the
@@ -43,7 +44,7 @@ def _grad_fn(variant, attention_name):
 
 
 def _core_fn(batch, tokens, heads, head_dim):
-  """Blocked attention fwd+bwd on (batch, tokens, heads, head_dim), as in the model."""
+  """The model's attention ("auto") fwd+bwd on (batch, tokens, heads, head_dim)."""
   ks = jax.random.split(jax.random.PRNGKey(2), 4)
   q, k, v, w = (jax.random.normal(key, (batch, tokens, heads, head_dim)) for key in ks)
   grad = jax.jit(jax.grad(lambda q, k, v: (attention.auto_attention(q, k, v) * w).sum(),

@@ -35,7 +35,7 @@ import numpy as np
 import optax
 
 from benchmarks import memory, reference
-from flexi import exec_cache, host, resize, sharding, steps, vit
+from flexi import native_attention, exec_cache, host, resize, sharding, steps, vit
 
 PATCHES = (48, 40, 30, 24, 20, 16, 15, 12, 10, 8)
 RES = 240
@@ -63,7 +63,9 @@ def machine():
   return dict(nproc=os.cpu_count(), cpu=cpu, jax=jax.__version__,
               backend=jax.default_backend(), devices=jax.device_count(),
               load_avg=os.getloadavg()[0], thp_mode=host.thp_mode(),
-              glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
+              glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
+              native_attention_blas=(native_attention.blas_core()
+                                     if native_attention.available() else None))
 
 
 def minor_faults():
