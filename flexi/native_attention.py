@@ -128,10 +128,13 @@ def _load_once() -> ctypes.CDLL:
   if platform.system() != "Linux":
     raise NativeAttentionUnavailable(f"native attention is built for Linux, not {platform.system()}")
   path = _library_path()
-  if not os.path.exists(path):
-    _compile(path)
-  with _blas_coretype():
-    lib = ctypes.CDLL(path)  # Loads OpenBLAS too if the import above did not.
+  try:
+    if not os.path.exists(path):
+      _compile(path)
+    with _blas_coretype():
+      lib = ctypes.CDLL(path)  # Loads OpenBLAS too if the import above did not.
+  except OSError as e:  # An unwritable cache directory, a library that does not load.
+    raise NativeAttentionUnavailable(f"cannot build or load {path}: {e}") from e
   lib.flexi_attention_blas_threads(1)  # One BLAS thread per task; tasks use XLA's pool.
   lib.flexi_attention_blas_core.restype = ctypes.c_char_p
   for name, symbol in ((_FORWARD, lib.FlexiAttentionForward),

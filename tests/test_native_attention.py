@@ -68,6 +68,8 @@ def test_auto_picks_the_kernel_on_one_cpu_device_only(monkeypatch):
   assert not _uses_kernel(lambda *t: attention.auto_attention(*t, dtype=jnp.bfloat16), q, k, v)
   assert not _uses_kernel(lambda *t: attention.auto_attention(*t, mask=jnp.ones((9, 9), bool)),
                           q, k, v)
+  monkeypatch.setattr(native, "available", lambda: False)  # No compiler here, say.
+  assert not _uses_kernel(attention.auto_attention, q, k, v)
 
 
 def test_native_rejects_what_it_does_not_fuse():
@@ -160,3 +162,11 @@ def test_executable_cache_registers_the_kernel_before_loading(tmp_path):
   with np.load(tmp_path / "store.npz") as a, np.load(tmp_path / "load.npz") as b:
     for name in a.files:
       np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_unwritable_cache_is_one_clear_error(tmp_path, monkeypatch):
+  blocker = tmp_path / "not_a_directory"
+  blocker.write_text("")
+  monkeypatch.setenv("FLEXI_NATIVE_CACHE", str(blocker / "native"))
+  with pytest.raises(native.NativeAttentionUnavailable, match="cannot build or load .*not_a_directory"):
+    native._load_once.__wrapped__()  # pylint: disable=protected-access

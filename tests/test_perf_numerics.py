@@ -121,8 +121,10 @@ def test_remat_same_gradients(setup):
   def close(a, b):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * scale)
   jax.tree.map(close, grads({"remat": True}, params), want)
-  scanned = grads({"remat": True, "scan": True}, vit.layers_to_scan(params))
-  jax.tree.map(close, vit.scan_to_layers(scanned), want)
+  for attention in ("flax", "native"):  # The fused kernel inside nn.scan + remat too.
+    scanned = grads({"remat": True, "scan": True, "attention": attention},
+                    vit.layers_to_scan(params))
+    jax.tree.map(close, vit.scan_to_layers(scanned), want)
 
 
 def test_bf16_compute_keeps_fp32_params_and_is_close(setup):
