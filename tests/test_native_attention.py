@@ -170,3 +170,16 @@ def test_unwritable_cache_is_one_clear_error(tmp_path, monkeypatch):
   monkeypatch.setenv("FLEXI_NATIVE_CACHE", str(blocker / "native"))
   with pytest.raises(native.NativeAttentionUnavailable, match="cannot build or load .*not_a_directory"):
     native._load_once.__wrapped__()  # pylint: disable=protected-access
+
+
+def test_builds_from_source_into_a_fresh_cache(tmp_path, monkeypatch):
+  """The build a fresh machine does (here into an empty directory, not the shared cache)."""
+  monkeypatch.setenv("FLEXI_NATIVE_CACHE", str(tmp_path))
+  path = native._library_path()  # pylint: disable=protected-access
+  assert path.startswith(str(tmp_path)) and not os.path.exists(path)
+  native._compile(path)  # pylint: disable=protected-access
+  assert os.listdir(tmp_path) == [os.path.basename(path)]  # No temporary files left.
+  with open(path, "rb") as f:
+    binary = f.read()
+  for symbol in (b"FlexiAttentionForward", b"FlexiAttentionBackward", b"scipy_cblas_sgemm"):
+    assert symbol in binary
