@@ -21,6 +21,8 @@
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using Array = ffi::Buffer<ffi::F32>;
+using Result = ffi::ResultBuffer<ffi::F32>;
 
 namespace {
 
@@ -132,14 +134,12 @@ void for_each_slice(ffi::ThreadPool& pool, const Shape& s, Work work) {
   while (state->done.load(std::memory_order_acquire) < total) std::this_thread::yield();
 }
 
-Shape shape_of(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k) {
+Shape shape_of(const Array& q, const Array& k) {
   auto qd = q.dimensions(), kd = k.dimensions();
   return Shape{qd[0], qd[1], kd[1], qd[2], qd[3]};
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                   ffi::Buffer<ffi::F32> v, ffi::ResultBuffer<ffi::F32> out,
-                   ffi::ResultBuffer<ffi::F32> lse) {
+ffi::Error Forward(ffi::ThreadPool pool, Array q, Array k, Array v, Result out, Result lse) {
   if (q.dimensions().size() != 4) {
     return ffi::Error::InvalidArgument("attention expects (batch, tokens, heads, dim) inputs");
   }
@@ -150,11 +150,11 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
   return ffi::Error::Success();
 }
 
-ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> out,
-                    ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> d_out,
-                    ffi::ResultBuffer<ffi::F32> d_q, ffi::ResultBuffer<ffi::F32> d_k,
-                    ffi::ResultBuffer<ffi::F32> d_v) {
+ffi::Error Backward(ffi::ThreadPool pool, Array q, Array k, Array v, Array out, Array lse,
+                    Array d_out, Result d_q, Result d_k, Result d_v) {
+  if (q.dimensions().size() != 4) {
+    return ffi::Error::InvalidArgument("attention expects (batch, tokens, heads, dim) inputs");
+  }
   const Shape s = shape_of(q, k);
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   const float *op = out.typed_data(), *lp = lse.typed_data(), *dop = d_out.typed_data();
@@ -167,27 +167,16 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexiAttentionForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+// Forward(q, k, v) -> (out, lse); Backward(q, k, v, out, lse, d_out) -> (d_q, d_k, d_v).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    FlexiAttentionForward, Forward,
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Array>().Arg<Array>().Arg<Array>()
+        .Ret<Array>().Ret<Array>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FlexiAttentionBackward, Backward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    FlexiAttentionBackward, Backward,
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Array>().Arg<Array>().Arg<Array>()
+        .Arg<Array>().Arg<Array>().Arg<Array>().Ret<Array>().Ret<Array>().Ret<Array>());
 
 extern "C" void flexi_attention_blas_threads(int n) { scipy_openblas_set_num_threads(n); }
 extern "C" const char* flexi_attention_blas_core() { return scipy_openblas_get_corename(); }
