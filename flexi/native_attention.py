@@ -11,7 +11,8 @@ probabilities from the saved log-sum-exp. Same math as flax's attention.
 The library is compiled on first use with the system C++ compiler (`$CXX`, default
 g++) against jaxlib's FFI headers and the `scipy-openblas32` wheel, and cached under
 `$FLEXI_NATIVE_CACHE` (default `~/.cache/flexi/native`), keyed by the source, the
-compiler, the versions and the CPU's feature flags (it is built with -march=native).
+compiler, the versions and paths of jaxlib and OpenBLAS, and the CPU's feature flags
+(it is built with -march=native).
 CPU only; `attention="auto"` uses it on a single-device CPU backend when it builds.
 """
 import contextlib
@@ -80,8 +81,10 @@ def _library_path() -> str:
   cxx = os.environ.get("CXX", "g++")
   with open(_SOURCE, "rb") as f:
     source = f.read()
-  key = hashlib.sha256(repr((source, cxx, _COMPILE_FLAGS, jax.__version__, blas.__version__,
-                             _cpu_flags())).encode()).hexdigest()[:20]
+  # The library's paths are in the key: it links to this environment's OpenBLAS by path.
+  key = hashlib.sha256(repr((source, cxx, _COMPILE_FLAGS, jax.__version__, jax.ffi.include_dir(),
+                             blas.__version__, blas.get_lib_dir(), _cpu_flags())).encode())
+  key = key.hexdigest()[:20]
   directory = os.environ.get("FLEXI_NATIVE_CACHE") or os.path.join(
       os.path.expanduser("~"), ".cache", "flexi", "native")
   return os.path.join(directory, f"attention-{key}.so")

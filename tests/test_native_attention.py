@@ -183,3 +183,15 @@ def test_builds_from_source_into_a_fresh_cache(tmp_path, monkeypatch):
     binary = f.read()
   for symbol in (b"FlexiAttentionForward", b"FlexiAttentionBackward", b"scipy_cblas_sgemm"):
     assert symbol in binary
+
+
+def test_cache_key_follows_the_environment(monkeypatch):
+  """Built with -march=native and linked to this venv's OpenBLAS by path: another CPU or
+  another environment must not load it."""
+  blas = native._blas()  # pylint: disable=protected-access
+  here = native._library_path()  # pylint: disable=protected-access
+  monkeypatch.setattr(native, "_cpu_flags", lambda: "flags : sse2")
+  other_cpu = native._library_path()  # pylint: disable=protected-access
+  monkeypatch.undo()
+  monkeypatch.setattr(blas, "get_lib_dir", lambda: "/elsewhere/lib")
+  assert len({here, other_cpu, native._library_path()}) == 3  # pylint: disable=protected-access
