@@ -35,7 +35,7 @@ import numpy as np
 import optax
 
 from benchmarks import memory, reference
-from flexi import native_attention, exec_cache, host, resize, sharding, steps, vit
+from flexi import exec_cache, host, native_attention, resize, sharding, steps, vit
 
 PATCHES = (48, 40, 30, 24, 20, 16, 15, 12, 10, 8)
 RES = 240

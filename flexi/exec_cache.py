@@ -149,7 +149,7 @@ class ExecutableCache:
     if not os.path.exists(path):
       return None
     if jax.default_backend() == "cpu":
-      native_attention.available()  # A program may call its FFI targets: register them.
+      native_attention.register_if_built()  # A program may call the kernel's FFI targets.
     try:
       with open(path, "rb") as f:
         payload, in_tree, out_tree = pickle.load(f)

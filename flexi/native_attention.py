@@ -76,9 +76,12 @@ def _blas():
   return scipy_openblas32
 
 
+def _cxx() -> str:
+  return os.environ.get("CXX", "g++")
+
+
 def _library_path() -> str:
-  blas = _blas()
-  cxx = os.environ.get("CXX", "g++")
+  blas, cxx = _blas(), _cxx()
   with open(_SOURCE, "rb") as f:
     source = f.read()
   # The library's paths are in the key: it links to this environment's OpenBLAS by path.
@@ -92,8 +95,7 @@ def _library_path() -> str:
 
 def _compile(path: str):
   """Compile, then link without -ffast-math (so the process's float mode is untouched)."""
-  blas = _blas()
-  cxx = os.environ.get("CXX", "g++")
+  blas, cxx = _blas(), _cxx()
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
     obj, lib = os.path.join(tmp, "attention.o"), os.path.join(tmp, "attention.so")
@@ -160,6 +162,18 @@ def _available_once() -> bool:
   except NativeAttentionUnavailable as e:
     logging.warning("native attention unavailable, using XLA's: %s", e)
     return False
+
+
+@functools.lru_cache(maxsize=None)
+def register_if_built() -> None:
+  """Registers the kernel's FFI targets when this machine has already built it; never
+  compiles or warns. Cached executables may call the targets, so they must exist
+  before loading; a program whose kernel is not built here fails to load and is
+  recompiled (which builds it). Once per process: ~10 ms of hashing otherwise."""
+  with _LOAD_LOCK:
+    with contextlib.suppress(NativeAttentionUnavailable):
+      if os.path.exists(_library_path()):
+        _load_once()
 
 
 def blas_core() -> str:
