@@ -35,9 +35,10 @@ class Evaluator:
     def make(fn):
       def step(variables, batch):
         logits = fn(variables, batch)[outputs_key]
-        labels, mask = batch[label_key], batch["_mask"].astype(jnp.float32)
+        labels = batch[label_key]
         if labels.ndim == 1:
           labels = jax.nn.one_hot(labels, logits.shape[-1])
+        mask = evaluators.labelled_mask(batch["_mask"], labels)
         top1 = jnp.argmax(logits, axis=-1)
         hit = jnp.take_along_axis(labels, top1[:, None], axis=-1)[:, 0] > 0
         loss = loss_fn(logits.astype(jnp.float32), labels, reduction=False)

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import evaluators
 from evaluators import register
 from flexi import budget, losses, sharding
 
@@ -143,7 +144,7 @@ class Evaluator:
       labels = batch[self.label_key]
       if labels.ndim == 1:
         labels = jax.nn.one_hot(labels, logits.shape[-1])
-      mask = batch["_mask"].astype(jnp.float32)
+      mask = evaluators.labelled_mask(batch["_mask"], labels)
       loss = self.loss_fn(logits, labels, reduction=False)
       real = batch[self.real_key] if self.real_key else labels
       real_valid = mask * (jnp.sum(real, axis=-1) > 0)

@@ -36,7 +36,8 @@ def make_schedule(sched_cfg, *, total_steps: int, warmup_steps: int):
     elif decay == "linear":
       mult = 1.0 + (linear_end - 1.0) * frac
     elif decay == "rsqrt":
-      mult = jax.lax.rsqrt(jnp.maximum(count - warmup + timescale, 1.0) / timescale)
+      # 1 during warmup, then 1 / sqrt(1 + (count - warmup) / timescale) (big_vision).
+      mult = jax.lax.rsqrt(1.0 + jnp.maximum(count - warmup, 0.0) / timescale)
     else:
       mult = jnp.ones_like(count)
     if warmup:

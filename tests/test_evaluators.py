@@ -115,6 +115,28 @@ def test_sweep_real_accuracy_with_label_sets(setup):
   assert metrics["patch_size=8/prec@1"] == pytest.approx(setup["ref"][8]["acc"], abs=1e-9)
 
 
+def test_examples_without_labels_are_left_out_of_accuracy_and_loss(setup):
+  """big_vision's classification evaluator masks label rows that are all zero (an
+  empty ReaL set); counting them as misses would bias prec@1 low and the loss."""
+  labels = setup["onehot"].copy()
+  labels[2::5] = 0.
+  kept = labels.sum(-1) > 0
+  ref = setup["ref"][8]
+  batches = lambda: sweep.pad_batches({"image": setup["images"], "labels": labels}, 16)  # noqa: E731
+  ev = sweep.Evaluator(setup["fns"], setup["ctx"], patch_sizes=(8,), batch_size=16,
+                       batches=batches, verbose=False)
+  metrics = dict(ev.run({"params": setup["params"]}))
+  expect_acc = np.mean(ref["logits"].argmax(-1)[kept] == setup["labels"][kept])
+  assert metrics["patch_size=8/prec@1"] == pytest.approx(expect_acc, abs=1e-9)
+  assert expect_acc != pytest.approx(ref["acc"])  # Leaving them in would differ.
+  single = classification.Evaluator(setup["fns"], setup["ctx"], data={}, pp_fn="",
+                                    pred="predict_patch_size=8", batch_size=16)
+  single._batches = lambda: (sharding.to_global(b, setup["mesh"]) for b in batches())
+  out = dict(single.run({"params": setup["params"]}))
+  assert out["prec@1"] == pytest.approx(expect_acc, abs=1e-9)
+  assert out["loss"] == pytest.approx(metrics["patch_size=8/loss"], rel=1e-6)
+
+
 def test_sweep_bad_config(setup):
   with pytest.raises(ValueError, match="one of patch_sizes, seqhws or preds"):
     sweep.Evaluator(setup["fns"], setup["ctx"], patch_sizes=(8,), preds=["x"],

@@ -28,6 +28,12 @@ def test_schedules():
   np.testing.assert_allclose([lin(10), lin(60), lin(110)], [1.0, 0.6, 0.2], atol=1e-6)
   rs = sched("rsqrt", timescale=10)
   np.testing.assert_allclose([rs(10), rs(40)], [1.0, 0.5], atol=1e-6)
+  # During warmup only the warmup ramp applies (big_vision), never above the peak.
+  np.testing.assert_allclose([rs(0), rs(4), rs(9)], [0.1, 0.5, 1.0], atol=1e-6)
+  long_warmup = optim.make_schedule(dict(decay_type="rsqrt", timescale=10), total_steps=110,
+                                    warmup_steps=40)
+  np.testing.assert_allclose([long_warmup(19), long_warmup(39), long_warmup(70)],
+                             [0.5, 1.0, 0.5], atol=1e-6)
   np.testing.assert_allclose(sched("constant")(100), 1.0)
   with pytest.raises(ValueError, match="decay_type"):
     sched("cosin")
