@@ -11,6 +11,8 @@ from typing import Optional
 import jax
 import orbax.checkpoint as ocp
 
+from flexi import tree_utils
+
 
 def _abstract(tree, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -25,7 +27,7 @@ class CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self._mngr = ocp.CheckpointManager(self.directory, options=options,
-                                       item_names=("params", "opt_state", "meta"))
+                                       item_handlers=_handlers())
 
   def latest_step(self) -> Optional[int]:
     return self._mngr.latest_step()
@@ -41,10 +43,13 @@ class CheckpointManager:
 
   def restore(self, step, params_like, opt_like, param_shardings, opt_shardings):
     """Restores onto the given shapes/shardings (abstract or concrete trees)."""
-    out = self._mngr.restore(step, args=ocp.args.Composite(
+    where = f"checkpoint {os.path.join(self.directory, str(step))}"
+    stored = _read(where, lambda: self._mngr.item_metadata(step))
+    _check_shapes(where, stored["params"], params_like)  # (opt_state's follow the params.)
+    out = _read(where, lambda: self._mngr.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(_abstract(params_like, param_shardings)),
         opt_state=ocp.args.StandardRestore(_abstract(opt_like, opt_shardings)),
-        meta=ocp.args.JsonRestore()))
+        meta=ocp.args.JsonRestore())))
     return out["params"], out["opt_state"], out["meta"]
 
   def wait(self):
@@ -56,12 +61,54 @@ class CheckpointManager:
 
 
 def restore_params_from_workdir(workdir: str, step: Optional[int] = None):
-  """Params (host numpy arrays) of another run's checkpoint, for `model_init`."""
+  """Params (host numpy arrays) of another run's checkpoint, for `model_init`.
+
+  Read onto this process's first device whatever mesh wrote them, so a teacher
+  trained on a pod loads on one host (orbax otherwise insists on the writer's devices).
+  """
   directory = os.path.join(os.path.abspath(workdir), "ckpt")
-  mngr = ocp.CheckpointManager(directory, item_names=("params", "opt_state", "meta"))
+  mngr = ocp.CheckpointManager(directory, item_handlers=_handlers())
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint found under {directory}")
-  out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
+  where = f"checkpoint {os.path.join(directory, str(step))}"
+  stored = _read(where, lambda: mngr.item_metadata(step))["params"]
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        stored)
+  out = _read(where, lambda: mngr.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(target))))
   mngr.close()
-  return jax.tree.map(lambda x: jax.device_get(x), out["params"])
+  return jax.tree.map(jax.device_get, out["params"])
+
+
+def _handlers():
+  return {"params": ocp.StandardCheckpointHandler(),
+          "opt_state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+
+
+def _read(where, fn):
+  """fn(), with orbax/TensorStore failures (missing items, truncated or corrupt files)
+  turned into one line that names the checkpoint."""
+  try:
+    out = fn()
+  except Exception as e:  # pylint: disable=broad-except
+    detail = (str(e).strip().splitlines() or [""])[0].split(" See full")[0][:200]
+    raise ValueError(f"{where} is unreadable ({type(e).__name__}: {detail}); move it "
+                     "away to resume from an earlier step") from None
+  if out is None or out["params"] is None:
+    raise ValueError(f"{where} has no params; move it away to resume from an earlier step")
+  return out
+
+
+def _check_shapes(where, stored, wanted):
+  """One line naming the first param whose stored shape differs from the model's."""
+  stored = dict(tree_utils.named_leaves(stored))
+  for name, want in tree_utils.named_leaves(wanted):
+    have = stored.get(name)
+    if have is None:
+      raise ValueError(f"{where}: param {name} is missing (the model has it, shape "
+                       f"{tuple(want.shape)})")
+    if tuple(have.shape) != tuple(want.shape):
+      raise ValueError(f"{where}: param {name} has shape {tuple(have.shape)}, the model "
+                       f"wants {tuple(want.shape)} (a different model config?)")

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from flexi import ckpt_manager, data_source, sharding, steps, train_loop
+from flexi import ckpt_manager, data_source, sharding, steps, train_loop, tree_utils
 from trainers import train
 from tests import tiny_setup
 
@@ -179,6 +179,46 @@ def test_model_init_from_workdir_with_dont_load(full_run, cache_dir):
   trained = _host(full.params)
   np.testing.assert_array_equal(loaded["embedding"]["kernel"], trained["embedding"]["kernel"])
   np.testing.assert_array_equal(loaded["head"]["kernel"], np.asarray(fresh["head"]["kernel"]))
+
+
+def test_params_written_on_8_devices_load_on_one(full_run):
+  """model_init / teachers / evaluators read another run's params on any topology."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  workdir, full = full_run
+  out = str(workdir / "one_device.npz")
+  code = ("import sys, numpy as np; from flexi import ckpt_manager, tree_utils; "
+          "p = ckpt_manager.restore_params_from_workdir(sys.argv[1]); "
+          "np.savez(sys.argv[2], **dict(tree_utils.named_leaves(p)))")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  proc = subprocess.run([sys.executable, "-c", code, str(workdir), out], env=env, text=True,
+                        capture_output=True, timeout=300,
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = np.load(out)
+  for name, x in tree_utils.named_leaves(_host(full.params)):
+    np.testing.assert_array_equal(got[name], x, err_msg=name)
+
+
+def test_resume_errors_name_the_checkpoint_and_param(tmp_path, cache_dir, full_run):
+  import shutil  # pylint: disable=import-outside-toplevel
+  workdir, _ = full_run
+  copy = tmp_path / "wd"
+  shutil.copytree(workdir / "ckpt", copy / "ckpt")
+  mngr = ckpt_manager.CheckpointManager(copy)
+  latest = mngr.latest_step()
+  mngr.close()
+  with pytest.raises(ValueError, match=r"^checkpoint .*ckpt/6: param Transformer/"
+                     r"encoderblock_0/MlpBlock_0/Dense_0/bias has shape \(64,\), the "
+                     r"model wants \(96,\)") as e:
+    _run(copy, cache_dir, total_steps=8, **{"model.mlp_dim": 96})
+  assert latest == 6 and "\n" not in str(e.value)
+  for f in (copy / "ckpt" / "6" / "params").rglob("*"):
+    if f.is_file() and f.parent.name == "d":
+      f.write_bytes(f.read_bytes()[:10])  # Truncated array data.
+  with pytest.raises(ValueError, match=r"ckpt/6 is unreadable \(.*\); move it away") as e:
+    _run(copy, cache_dir, total_steps=8)
+  assert "\n" not in str(e.value)
 
 
 def test_two_program_step_equals_one_fused_step():
