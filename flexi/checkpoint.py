@@ -13,6 +13,7 @@ import re
 import tempfile
 import zipfile
 
+from flax.training import checkpoints as flax_checkpoints
 import numpy as np
 
 from flexi import resize
@@ -132,11 +133,16 @@ def _read_npz(path):
 
 
 def load_params(path):
-  """Loads a big_vision `.npz` (or a released name) into a nested dict of arrays."""
+  """Loads a big_vision `.npz` (or a released name) into a nested dict of arrays (or
+  the one array that `path.npz:name` names)."""
   file_path, subtree = _split_subtree(str(path))
   flat = _read_npz(resolve_path(file_path))
-  if flat and all(k.startswith("params/") for k in flat):
-    flat = {k[len("params/"):]: v for k, v in flat.items()}
+  for prefix in ("params/", "opt/target/"):  # A whole big_vision train state: its params.
+    if any(k.startswith(prefix) for k in flat):
+      flat = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+      break
+  if subtree and subtree.strip("/") in flat:  # A single array, e.g. two towers' "t".
+    return flat[subtree.strip("/")]
   if subtree:
     subtree = subtree.strip("/") + "/"
     flat = {k[len(subtree):]: v for k, v in flat.items() if k.startswith(subtree)}
@@ -165,8 +171,14 @@ def save_params(params, path):
 
 
 def fix_old_layouts(flat):
-  """Moves parameters of older ViT checkpoints to today's names (as big_vision)."""
-  flat = dict(flat)
+  """Moves parameters of older ViT checkpoints to today's names (as big_vision).
+
+  Files written before flax's Linen (the original ViT and AugReg releases, e.g. the
+  i21k B/8 teacher) number submodules across types (`LayerNorm_0`,
+  `MultiHeadDotProductAttention_1`, `LayerNorm_2`, `MlpBlock_3`): flax's
+  `convert_pre_linen` renumbers them per type, and leaves Linen names unchanged.
+  """
+  flat = flatten(flax_checkpoints.convert_pre_linen(unflatten(dict(flat))))
   for old in ("Transformer/posembed_input/pos_embedding", "Transformer/pos_embedding"):
     if old in flat:
       flat["pos_embedding"] = flat.pop(old)

@@ -44,6 +44,34 @@ def test_params_prefix_and_subtree(params, tmp_path):
     checkpoint.load_params(path + ":txt")
 
 
+def test_whole_train_states_and_single_arrays(params, tmp_path):
+  """big_vision's load_params: `params/` of a saved train state, else `opt/target/`;
+  `file.npz:t` names one array (two towers' temperature)."""
+  for prefix in ("params", "opt/target"):
+    path = str(tmp_path / f"{prefix.replace('/', '_')}.npz")
+    flat = checkpoint.flatten({prefix: {"img": params, "t": np.full((1,), 2.0)}})
+    flat["opt/state/mu/img/cls"] = np.zeros((1, 1, 32))  # Optimizer state: not params.
+    np.savez(path, **flat)
+    loaded = checkpoint.load_params(path)
+    assert set(loaded) == {"img", "t"}
+    jax.tree.map(np.testing.assert_array_equal, loaded["img"], params)
+    np.testing.assert_array_equal(checkpoint.load_params(path + ":t"), [2.0])
+
+
+def test_pre_linen_names_are_renumbered(params):
+  """Original ViT / AugReg files (e.g. the i21k B/8 teacher) number a block's
+  submodules across types; they load as flax's convert_pre_linen renames them."""
+  old = {"LayerNorm_1": "LayerNorm_2", "MultiHeadDotProductAttention_0":
+         "MultiHeadDotProductAttention_1", "MlpBlock_0": "MlpBlock_3"}
+  flat = {}
+  for k, v in checkpoint.flatten(params).items():
+    parts = k.split("/")
+    flat["/".join(old.get(p, p) if "encoderblock" in k else p for p in parts)] = v
+  assert "Transformer/encoderblock_0/MlpBlock_3/Dense_1/kernel" in flat
+  merged = checkpoint.load_into(params, checkpoint.unflatten(flat))
+  jax.tree.map(np.testing.assert_array_equal, merged, params)
+
+
 def test_load_into_resizes_kernel_and_posemb(params):
   teacher = vit.Model(10, patch_size=8, posemb_size=8, **TINY)  # A plain "B/8".
   loaded = _init(teacher)
