@@ -170,30 +170,37 @@ def save_params(params, path):
       os.remove(tmp)
 
 
-def fix_old_layouts(flat):
+def fix_old_layouts(flat, posemb_tokens=None):
   """Moves parameters of older ViT checkpoints to today's names (as big_vision).
 
   Files written before flax's Linen (the original ViT and AugReg releases, e.g. the
   i21k B/8 teacher) number submodules across types (`LayerNorm_0`,
   `MultiHeadDotProductAttention_1`, `LayerNorm_2`, `MlpBlock_3`): flax's
   `convert_pre_linen` renumbers them per type, and leaves Linen names unchanged.
+  A ViT with a class token whose posemb has k^2 + 1 tokens stored the class token's
+  position first (unless `posemb_tokens`, the model's count, says that is its grid).
   """
   flat = flatten(flax_checkpoints.convert_pre_linen(unflatten(dict(flat))))
   for old in ("Transformer/posembed_input/pos_embedding", "Transformer/pos_embedding"):
     if old in flat:
       flat["pos_embedding"] = flat.pop(old)
+  for tower in ("", "txt/"):  # Older LiT text towers added a second posemb (big_vision).
+    extra = flat.pop(f"{tower}Encoder_0/pos_embedding", None)
+    if extra is not None and f"{tower}pos_embedding" in flat:
+      flat[f"{tower}pos_embedding"] = flat[f"{tower}pos_embedding"] + extra
   pe = flat.get("pos_embedding")
-  if pe is not None:
+  if pe is not None and "cls" in flat and pe.shape[1] != posemb_tokens:
     side = int(np.sqrt(pe.shape[1] - 1))
     if side * side + 1 == pe.shape[1]:  # [cls] posemb was stored first: fold it in.
       flat["pos_embedding"] = pe[:, 1:]
-      if "cls" in flat:
-        flat["cls"] = flat["cls"] + pe[:, :1]
+      flat["cls"] = flat["cls"] + pe[:, :1]
   return flat
 
 
 def _resize_to(name, value, target_shape, posemb_hw):
-  """Resizes a loaded kernel/posemb to the model's shape, or None if not resizable."""
+  """Resizes a loaded kernel/posemb to the model's shape, or None if not resizable.
+  (Also the image tower's, when two towers load from one file.)"""
+  name = name[len("img/"):] if name.startswith("img/") else name
   if name == "embedding/kernel" and value.ndim == 4 and value.shape[2:] == target_shape[2:]:
     log.info("PI-resizing %s from %s to %s", name, value.shape, target_shape)
     return np.asarray(resize.pi_resize_patchemb(np.asarray(value, np.float32),
@@ -220,7 +227,9 @@ def load_into(init_params, loaded, dont_load=(), posemb_hw=None):
   ValueError naming missing or mis-shaped parameters; unexpected ones are logged.
   """
   init_flat = flatten(vit.scan_to_layers(init_params))
-  loaded_flat = fix_old_layouts(flatten(vit.scan_to_layers(loaded)))
+  posemb = init_flat.get("pos_embedding")
+  loaded_flat = fix_old_layouts(flatten(vit.scan_to_layers(loaded)),
+                                posemb_tokens=None if posemb is None else posemb.shape[1])
   skip = [re.compile(p) for p in dont_load]
   merged, missing, bad_shape = {}, [], []
   for name, init_value in init_flat.items():

@@ -85,6 +85,31 @@ def test_load_into_resizes_kernel_and_posemb(params):
                                 loaded["Transformer"]["encoderblock_0"]["LayerNorm_0"]["scale"])
 
 
+def test_two_tower_file_layouts(params):
+  """One file holding both towers resizes the image tower like a ViT file; an older
+  LiT text tower's second posemb (`Encoder_0/pos_embedding`) is added in (big_vision)."""
+  teacher = _init(vit.Model(10, patch_size=8, posemb_size=8, **TINY))
+  merged = checkpoint.load_into({"img": params}, {"img": teacher})
+  np.testing.assert_allclose(merged["img"]["pos_embedding"],
+                             resize.resize_posemb_for_load(teacher["pos_embedding"], (7, 7)))
+  text = {"pos_embedding": np.ones((1, 17, 4), np.float32)}  # 17 = 4^2 + 1, no class token.
+  old = {"pos_embedding": np.full((1, 17, 4), 2.0),
+         "Encoder_0": {"pos_embedding": np.ones((1, 17, 4))}}
+  for tower in (text, {"txt": text}):
+    got = checkpoint.load_into(tower, old if tower is text else {"txt": old})
+    np.testing.assert_array_equal((got if tower is text else got["txt"])["pos_embedding"], 3.0)
+
+
+def test_non_square_posemb_round_trip(tmp_path):
+  """A 10x5 grid (50 = 7^2 + 1 tokens) with a class token is not an old cls-first posemb."""
+  model = vit.Model(10, posemb_size=(10, 5), **TINY)
+  params = _init(model)
+  path = str(tmp_path / "wide.npz")
+  checkpoint.save_params(params, path)
+  merged = checkpoint.load_into(params, checkpoint.load_params(path))
+  jax.tree.map(np.testing.assert_array_equal, merged, params)
+
+
 def test_load_into_errors_name_the_parameter(params):
   other_head = _init(vit.Model(5, **TINY))
   with pytest.raises(ValueError, match=r"head/kernel \(32, 5\) vs model \(32, 10\)"):
