@@ -142,7 +142,9 @@ def resample_posemb(posemb, new_hw, old_hw=None):
   new_hw = _pair(new_hw)
   if old_hw == new_hw:
     return posemb
-  return jnp.einsum("nN,bNc->bnc", _posemb_resize_matrix(old_hw, new_hw), posemb)
+  # HIGHEST as jax.image.resize: TPUs (and TF32 GPUs) would round the default to bf16.
+  return jnp.einsum("nN,bNc->bnc", _posemb_resize_matrix(old_hw, new_hw), posemb,
+                    precision=jax.lax.Precision.HIGHEST)
 
 
 def resize_posemb_for_load(posemb, new_hw, old_hw=None):

@@ -154,6 +154,8 @@ def test_resample_posemb_matches_jax_image_resize_linear():
     got = resize.resample_posemb(pe, new)
     np.testing.assert_allclose(got, expected.reshape(1, -1, 8), atol=1e-6)
   assert resize.resample_posemb(pe, (7, 7)) is pe
+  # At jax.image.resize's precision on every backend (TPU's default would be bf16).
+  assert "HIGHEST" in str(jax.make_jaxpr(lambda p: resize.resample_posemb(p, (5, 5)))(pe))
   rect = jax.random.normal(jax.random.PRNGKey(1), (1, 12, 4))
   assert resize.resample_posemb(rect, (6, 8), old_hw=(3, 4)).shape == (1, 48, 4)
   with pytest.raises(ValueError, match="12 tokens is not a square grid"):
