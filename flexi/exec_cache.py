@@ -7,7 +7,9 @@ program per patch size). This cache stores the whole compiled executable
 everything that decides the program — the config, the abstract arguments (shapes,
 dtypes, shardings), the patch-size value, the compiler options and XLA_FLAGS, the
 versions of jax/jaxlib/flax/optax, the devices, and a hash of this codebase's
-Python source. Change any of them and the key changes; a file that cannot be read
+Python source and of the files defining a trainer kept elsewhere (`code_fingerprint`;
+modules those import are not followed: set `executable_cache=False` while editing
+them). Change any of them and the key changes; a file that cannot be read
 back is recompiled, never trusted half-way. Executables are only stored by a process
 that has not loaded any (see the jaxlib note below): in practice the first start of a
 configuration stores, every later start loads.
@@ -23,6 +25,7 @@ import json
 import logging
 import os
 import pickle
+import sys
 import tempfile
 import threading
 import time
@@ -54,6 +57,27 @@ def source_fingerprint(root: str = _ROOT, dirs=_SOURCE_DIRS) -> str:
           h.update(os.path.relpath(path, root).encode())
           with open(path, "rb") as f:
             h.update(f.read())
+  return h.hexdigest()
+
+
+def code_fingerprint(*fns) -> str:
+  """sha256 over the source files that define `fns` (a trainer's loss_fn etc.) when
+  they live outside the codebase's own directories, which `source_fingerprint` covers:
+  a trainer kept in a user's own module (or run as a script) changes the key when its
+  file changes. Modules those files import are not followed."""
+  own = tuple(os.path.join(_ROOT, d) + os.sep for d in _SOURCE_DIRS)
+  files = set()
+  for fn in fns:
+    fn = getattr(fn, "func", fn)  # functools.partial
+    module = sys.modules.get(getattr(fn, "__module__", None) or "")
+    path = getattr(module, "__file__", None)
+    if path and not os.path.abspath(path).startswith(own):
+      files.add(os.path.abspath(path))
+  h = hashlib.sha256()
+  for path in sorted(files):
+    h.update(path.encode())
+    with open(path, "rb") as f:
+      h.update(f.read())
   return h.hexdigest()
 
 

@@ -130,8 +130,10 @@ def _program_context(config, trainer, dur):
   with program.unlocked():
     for where in ("compilation_cache_dir", "executable_cache", "executable_cache_max_gb"):
       del program[where]  # Where and how long, not what.
+  code = exec_cache.code_fingerprint(trainer.loss_fn, trainer.init_params,
+                                     trainer.make_consts)
   return json.dumps(dict(config=program.to_json_best_effort(sort_keys=True), durations=dur,
-                         trainer=name),
+                         trainer=name, trainer_code=code),
                     sort_keys=True, default=str)
 
 

@@ -162,3 +162,24 @@ def test_key_depends_on_every_input(tmp_path):
   (tmp_path / "flexi" / "a.py").write_text("x = 2\n")
   exec_cache.source_fingerprint.cache_clear()
   assert exec_cache.source_fingerprint(str(tmp_path), ("flexi",)) != one
+
+
+def test_trainer_code_outside_the_codebase_is_part_of_the_key(tmp_path, monkeypatch):
+  """A trainer in a user's own module: editing its file must change the program key."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  monkeypatch.syspath_prepend(str(tmp_path))
+  module = tmp_path / "my_trainer_mod.py"
+  module.write_text("def loss_fn(params, batch):\n  return 1.0\n")
+  mod = importlib.import_module("my_trainer_mod")
+  config = tiny_setup.tiny_config()
+  base = train.make_trainer(config)
+
+  def context():
+    trainer = train_loop.Trainer(init_params=base.init_params, loss_fn=mod.loss_fn)
+    return train_loop._program_context(config, trainer, {"total": 1})  # pylint: disable=protected-access
+  first = context()
+  assert context() == first
+  module.write_text("def loss_fn(params, batch):\n  return 2.0\n")
+  assert context() != first
+  # The codebase's own trainers are covered by source_fingerprint instead.
+  assert exec_cache.code_fingerprint(base.loss_fn) == exec_cache.code_fingerprint()
