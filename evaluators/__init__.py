@@ -62,24 +62,29 @@ def select_predict_fns(pred, preds, predict_fns, evaluator: str):
   return names
 
 
-def global_eval_batches(data, pp_fn, batch_size, ctx: EvalContext):
-  """One padded pass over an eval split as global sharded arrays (`_mask` marks real rows).
-
-  Shared by every evaluator that reads data: each process reads its own shard,
-  non-numeric features (e.g. strings) are dropped, batches are assembled over the mesh.
-  """
+def local_eval_batches(data, pp_fn, batch_size):
+  """This process's share of one padded pass over an eval split, as numpy batches
+  (`_mask` marks real rows; non-numeric features such as strings are dropped; a
+  record that fails to decode is one line naming it, or skipped and counted with
+  `skip_decode_errors=True` in `data`)."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   import input_pipeline  # pylint: disable=import-outside-toplevel
-  from flexi import sharding  # pylint: disable=import-outside-toplevel
+  data = dict(data)
+  skip = bool(data.pop("skip_decode_errors", False))
   ds, _ = input_pipeline.build_eval_dataset(
-      data, pp_fn, batch_size,
+      data, pp_fn, batch_size, skip_decode_errors=skip,
       process_index=jax.process_index(), process_count=jax.process_count())
-  for b in ds.as_numpy_iterator():
-    b = {k: np.asarray(v) for k, v in b.items() if np.asarray(v).dtype != object}
+  for b in input_pipeline.numpy_batches(ds):
+    yield {k: np.asarray(v) for k, v in b.items() if np.asarray(v).dtype != object}
+
+
+def global_eval_batches(data, pp_fn, batch_size, ctx: EvalContext):
+  """One padded pass over an eval split as global sharded arrays (`_mask` marks real
+  rows), assembled over the mesh from every process's `local_eval_batches`."""
+  from flexi import sharding  # pylint: disable=import-outside-toplevel
+  for b in local_eval_batches(data, pp_fn, batch_size):
     yield sharding.to_global(b, ctx.mesh, ctx.batch_axes)
-
-
 
 def labelled_mask(mask, labels):
   """Rows that count: real (not padding) and with at least one label. As big_vision's

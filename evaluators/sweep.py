@@ -161,12 +161,7 @@ class Evaluator:
     if self.batches_fn is not None:
       yield from self.batches_fn()
       return
-    import input_pipeline  # pylint: disable=import-outside-toplevel
-    ds, _ = input_pipeline.build_eval_dataset(
-        self.data, self.pp_fn, self.batch_size,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    for b in ds.as_numpy_iterator():
-      yield {k: v for k, v in b.items() if np.asarray(v).dtype != object}
+    yield from evaluators.local_eval_batches(self.data, self.pp_fn, self.batch_size)
 
   def _compile(self, variables, batch):
     """AOT-compiles every step on the first batch; GFLOPs from the predict fns."""

@@ -36,7 +36,7 @@ def from_input_config(config) -> DataSource:
   _, n = build(0)
   if config.input.num_examples:
     n = config.input.num_examples
-  return DataSource(lambda start: iter(build(start)[0].as_numpy_iterator()), n)
+  return DataSource(lambda start: input_pipeline.numpy_batches(build(start)[0]), n)
 
 
 def in_memory(images: np.ndarray, labels: np.ndarray, *, batch_size: int, seed: int = 0,

@@ -120,7 +120,7 @@ def build_train_dataset(input_cfg, *, process_index=None, process_count=None,
   ds = _preprocess(ds.skip(start), cfg["pp"], seed=cfg["seed"], process_index=pi,
                    skip=cfg["skip_decode_errors"], tag=tag, first_index=start)
   ds = ds.batch(local_bs, drop_remainder=True).prefetch(cfg["prefetch"])
-  ds.flexi_source = tag  # Named in errors by global_batches.
+  ds.flexi_source = tag  # Named in errors by numpy_batches.
   return ds, source.num_examples(split)
 
 
@@ -153,7 +153,7 @@ def build_eval_dataset(data_cfg, pp, batch_size, *, process_index=None, process_
   pad["_mask"] = tf.constant(False)
   ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat())
   ds = ds.take(num_batches * local_bs).batch(local_bs).prefetch(prefetch)
-  ds.flexi_source = tag  # Named in errors by global_batches.
+  ds.flexi_source = tag  # Named in errors by numpy_batches.
   return ds, sum(sizes)
 
 
@@ -182,6 +182,24 @@ def _named_error(e, source=None):
   return None
 
 
+def numpy_batches(dataset):
+  """`dataset.as_numpy_iterator()`, with a record that fails to decode raised as one
+  line naming it (`_named_error`) instead of TF's multi-line op error."""
+  source = getattr(dataset, "flexi_source", None)
+  it = dataset.as_numpy_iterator()
+  while True:
+    try:
+      batch = next(it)
+    except StopIteration:
+      return
+    except tf.errors.OpError as e:
+      named = _named_error(e, source)
+      if named is None:
+        raise
+      raise named from None
+    yield batch
+
+
 def global_batches(local_batches, mesh, batch_axes=("data",), prefetch=2):
   """Yields dicts of global jax.Arrays, batch dim sharded over `batch_axes` of `mesh`.
 
@@ -192,9 +210,8 @@ def global_batches(local_batches, mesh, batch_axes=("data",), prefetch=2):
   batch_axes = tuple(batch_axes)
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch_axes))
   n_dev = math.prod(mesh.shape[a] for a in batch_axes)
-  source = getattr(local_batches, "flexi_source", None)
   if hasattr(local_batches, "as_numpy_iterator"):
-    local_batches = local_batches.as_numpy_iterator()
+    local_batches = numpy_batches(local_batches)
   it = iter(local_batches)
 
   def to_global(batch):
@@ -211,20 +228,11 @@ def global_batches(local_batches, mesh, batch_axes=("data",), prefetch=2):
       out[k] = jax.make_array_from_process_local_data(sharding, v)
     return out
 
-  def next_local():
-    try:
-      return next(it)
-    except tf.errors.OpError as e:
-      named = _named_error(e, source)
-      if named is None:
-        raise
-      raise named from None
-
   queue = collections.deque()
   while True:
     while len(queue) < max(prefetch, 1):
       try:
-        queue.append(to_global(next_local()))
+        queue.append(to_global(next(it)))
       except StopIteration:
         break
     if not queue:

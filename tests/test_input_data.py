@@ -218,6 +218,28 @@ def test_corrupt_jpeg_error_names_the_file(tmp_path):
     list(ds.as_numpy_iterator())
 
 
+def test_training_and_eval_readers_name_a_corrupt_file(tmp_path):
+  """The train loop's data source and the evaluators' reader give the same one-line
+  error as global_batches (not TF's multi-line op error); an eval may skip instead."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  import evaluators  # pylint: disable=import-outside-toplevel
+  from flexi import data_source  # pylint: disable=import-outside-toplevel
+  _corrupt_folder(str(tmp_path))
+  data, pp = dict(name=f"dir:{tmp_path}", split="val"), 'decode|resize(4)|keep("image")'
+  config = ml_collections.ConfigDict(dict(seed=0, input=dict(
+      data=data, pp=pp, batch_size=2, shuffle_buffer_size=8, num_examples=None)))
+  batches = data_source.from_input_config(config).make_iter(0)
+  with pytest.raises(ValueError, match=r"^Undecodable or truncated image in record .*img[13]\.jpg"):
+    for _ in range(10):
+      next(batches)
+  mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
+  ctx = evaluators.EvalContext(mesh, ("data",), 2, None)
+  with pytest.raises(ValueError, match=r"^Undecodable or truncated image in record .*img1\.jpg"):
+    list(evaluators.global_eval_batches(data, pp, 2, ctx))
+  kept = evaluators.local_eval_batches(dict(data, skip_decode_errors=True), pp, 2)
+  assert sum(int(b["_mask"].sum()) for b in kept) == 3
+
+
 def test_jpeg_damaged_inside_is_a_clear_error(tmp_path):
   """Valid SOI and EOI markers pass the container check; TF's decoder then fails on the
   damaged header, and the error names the source and what failed, on one line."""
