@@ -12,7 +12,7 @@ from input_pipeline.pp_base import in_key_out_key, maybe_repeat
 # Shape of the placeholder decoded for a skipped bad record (dropped after pp).
 # Large enough that later crops do not fail on it.
 _PLACEHOLDER_HW = 512
-_TAIL = 256  # Bytes at the end of a file searched for the end-of-image marker.
+_TAIL = 256  # Bytes at the end of a PNG searched for its IEND chunk.
 
 
 def _contains(vec, pattern):
@@ -29,8 +29,9 @@ def image_bytes_ok(raw):
 
   TF's decoders abort the whole input pipeline on a bad file and cannot be
   caught in-graph, so bad records are recognised before decoding: JPEG must
-  start with SOI and contain the EOI marker near its end, PNG its IEND chunk;
-  GIF and BMP are checked by their magic only.
+  start with SOI and contain an EOI marker (anywhere: cameras append trailers
+  after it), PNG its IEND chunk near the end, WebP as many bytes as its RIFF
+  header declares; GIF and BMP are checked by their magic only.
   """
   length = tf.strings.length(raw)
   tail = tf.io.decode_raw(tf.strings.substr(raw, tf.maximum(length - _TAIL, 0), _TAIL),
@@ -39,9 +40,19 @@ def image_bytes_ok(raw):
   is_png = tf.equal(tf.strings.substr(raw, 0, 8), b"\x89PNG\r\n\x1a\n")
   is_gif = tf.equal(tf.strings.substr(raw, 0, 4), b"GIF8")
   is_bmp = tf.equal(tf.strings.substr(raw, 0, 2), b"BM")
-  jpeg_ok = is_jpeg & _contains(tail, (0xFF, 0xD9))
+  head = tf.strings.join([raw, b"\x00" * 12])  # substr past the end would raise.
+  is_webp = (tf.equal(tf.strings.substr(head, 0, 4), b"RIFF")
+             & tf.equal(tf.strings.substr(head, 8, 4), b"WEBP"))
+  jpeg_ok = is_jpeg & _contains(tf.io.decode_raw(raw, tf.uint8), (0xFF, 0xD9))
   png_ok = is_png & _contains(tail, tuple(b"IEND"))
-  return jpeg_ok | png_ok | is_gif | is_bmp
+  webp_ok = is_webp & (_riff_size(head) + 8 <= tf.cast(length, tf.int64))
+  return jpeg_ok | png_ok | webp_ok | is_gif | is_bmp
+
+
+def _riff_size(head):
+  """The little-endian uint32 byte count at offset 4 of a RIFF file."""
+  field = tf.cast(tf.io.decode_raw(tf.strings.substr(head, 4, 4), tf.uint8), tf.int64)
+  return tf.reduce_sum(field * tf.constant([1, 1 << 8, 1 << 16, 1 << 24], tf.int64))
 
 
 def _guarded(raw, data, decode_fn, channels):

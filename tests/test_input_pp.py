@@ -304,3 +304,22 @@ def test_flatten_nested_features():
             "captions": {"text": tf.constant(["a cat", "a dog"]), "id": tf.constant([1, 2])}})
   assert set(out) >= {"image", "captions/text", "captions/id", "texts"}
   assert out["texts"].numpy() == b"a cat"
+
+
+def test_container_check_accepts_what_tf_decodes_and_rejects_truncation():
+  """JPEGs with data after the end marker (camera trailers) and WebP decode in TF, so
+  the pre-decode check must pass them; truncated files must fail it."""
+  import io  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from input_pipeline import pp_image  # pylint: disable=import-outside-toplevel
+
+  def encoded(fmt):
+    buf = io.BytesIO()
+    Image.fromarray(np.full((16, 16, 3), 99, np.uint8)).save(buf, fmt)
+    return buf.getvalue()
+  jpeg, webp = encoded("JPEG"), encoded("WEBP")
+  for good in (jpeg, jpeg + b"\x11" * 300, webp, encoded("PNG")):
+    assert bool(pp_image.image_bytes_ok(tf.constant(good)))
+    assert tf.io.decode_image(good, channels=3, expand_animations=False).shape == (16, 16, 3)
+  for bad in (jpeg[:len(jpeg) // 2], webp[:len(webp) - 10], webp[:6], b"\x00garbage"):
+    assert not bool(pp_image.image_bytes_ok(tf.constant(bad)))
