@@ -22,6 +22,9 @@ def mixup(rng, batch, *, p=1.0, keys=("image",), label_key="labels", n=2):
   for k in (*keys, label_key):
     if k not in batch:
       raise ValueError(f"mixup: key {k!r} not in the batch (keys: {sorted(batch)})")
+    if not jnp.issubdtype(batch[k].dtype, jnp.floating):  # Weights would round to 0.
+      raise ValueError(f"mixup: key {k!r} is {batch[k].dtype}, mixup needs floats "
+                       "(one-hot labels, value_range'd images)")
   if n == 2:
     a = jax.random.beta(rng, p, p)
     a = jnp.maximum(a, 1.0 - a)

@@ -56,3 +56,12 @@ def test_missing_key_is_named():
   with pytest.raises(ValueError, match="'prof'"):
     mixup(jax.random.key(0), {"image": jnp.ones((2, 1)), "labels": jnp.ones((2, 1))},
           keys=("image", "prof"))
+
+
+def test_integer_inputs_are_named_not_zeroed():
+  batch = dict(_batch(), labels=jnp.arange(6))  # Class ids instead of one-hot rows.
+  with pytest.raises(ValueError, match="'labels' is int32, mixup needs floats"):
+    mixup(jax.random.key(0), batch, keys=("image",))
+  uint8 = dict(_batch(), image=jnp.zeros((6, 4, 4, 3), jnp.uint8))
+  with pytest.raises(ValueError, match="'image' is uint8"):
+    mixup(jax.random.key(0), uint8, keys=("image",))
