@@ -44,7 +44,8 @@ def get_config(arg=None):
     c.input = dict(data=dict(name="fine_shapes/tiny", split="train"), batch_size=8,
                    shuffle_buffer_size=25, prefetch=2)
     train_aug = f"decode|resize({res})|flip_lr"
-  pp_common = (f'|value_range(-1, 1)|onehot({c.num_classes}, key="label", key_result="labels")'
+  key = "label" if a.runlocal else "labels"  # big_vision's i21k examples carry "labels".
+  pp_common = (f'|value_range(-1, 1)|onehot({c.num_classes}, key="{key}", key_result="labels")'
                '|keep("image", "labels")')
   c.input.pp = train_aug + pp_common
   pp_eval = f"decode|resize_small({res // 7 * 8})|central_crop({res})" + pp_common

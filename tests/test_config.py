@@ -38,6 +38,8 @@ def test_i21k_matches_big_vision():
   assert (c.lr, c.wd, c.loss, c.init_head_bias, c.total_epochs) == (
       1e-3, 1e-4, "sigmoid_xent", -10.0, 90)
   assert c.optax.mu_dtype == "bfloat16" and c.input.batch_size == 4096
+  # big_vision's i21k examples carry "labels" (as configs/flexivit_b.py's i21k data).
+  assert 'onehot(21843, key="labels", key_result="labels")' in c.input.pp
   fixed = config_lib.load(_cfg("vit_fixed_i21k_sup.py:patch=30"))
   assert tuple(fixed.flexi.patch_size.v) == (30,) and tuple(fixed.model.posemb_size) == (8, 8)
   assert (fixed.lr, fixed.wd, fixed.schedule.warmup_steps) == (c.lr, c.wd, 10_000)
