@@ -90,9 +90,13 @@ class TfdsSource:
   def read(self, split, *, process_index=0, process_count=1, shuffle_files=False, seed=0):
     self._splits(split)
     host_split = tfds.even_splits(split, n=process_count)[process_index]
-    ds = self.builder.as_dataset(
-        split=host_split, shuffle_files=shuffle_files, decoders=self._decoders,
+    empty = self.builder.info.splits[host_split].num_examples == 0
+    ds = self.builder.as_dataset(  # A split smaller than the process count: some read
+        split=split if empty else host_split, shuffle_files=shuffle_files,  # nothing.
+        decoders=self._decoders,
         read_config=tfds.ReadConfig(add_tfds_id=True, shuffle_seed=seed))
+    if empty:
+      ds = ds.take(0)
 
     def rename_id(ex):
       ex = dict(ex)

@@ -141,6 +141,19 @@ def test_host_shards_disjoint_and_complete(data_dir, count):
   assert sum(src.shard_sizes("train", count)) == 160
 
 
+def test_tfds_split_smaller_than_the_process_count(data_dir):
+  """train[99%:] is 2 examples: with 3 processes one reads nothing and pads."""
+  seen = []
+  for i in range(3):
+    ds, n = ip.build_eval_dataset(dict(name=TINY, split="train[99%:]", data_dir=data_dir),
+                                  'decode|resize(8)|keep("image", "label")', 3,
+                                  process_index=i, process_count=3)
+    batches = list(ds.as_numpy_iterator())
+    assert len(batches) == 1
+    seen.append(int(batches[0]["_mask"].sum()))
+  assert n == 2 and seen == [1, 1, 0]
+
+
 @pytest.mark.parametrize("count", [2, 4])
 def test_eval_across_hosts_every_example_exactly_once(folder, count):
   seen, num_batches = [], set()
