@@ -210,10 +210,18 @@ class ExecutableCache:
       # E.g. programs with closed-over constants: they still run, just uncached.
       logging.warning("executable cache: cannot serialise %s (%s)", key, e)
       return False
-    fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-      f.write(blob)
-    os.replace(tmp, self._path(key))
+    tmp = None
+    try:  # A full or read-only disk costs the cache entry, never the run.
+      fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+      with os.fdopen(fd, "wb") as f:
+        f.write(blob)
+      os.replace(tmp, self._path(key))
+    except OSError as e:
+      logging.warning("executable cache: cannot store %s in %s (%s)", key, self.directory, e)
+      if tmp is not None:
+        with contextlib.suppress(OSError):
+          os.remove(tmp)
+      return False
     self.evict(keep=self._path(key))
     return True
 

@@ -8,15 +8,18 @@ import jax
 import jax.numpy as jnp
 
 
-def mixup(rng, batch, *, p=1.0, keys=("image",), label_key="labels", n=2):
+def mixup(rng, batch, *, p=1.0, keys=("image",), label_key="labels", n=2, fold_in=None):
   """Returns a new batch: x <- sum_i w_i * roll(x, i) for each key in keys+labels.
 
   n=2 (big_vision): a ~ Beta(p, p), a = max(a, 1 - a), x*a + roll(x, 1)*(1 - a).
   n>2: weights ~ Dirichlet(p), sorted so the unrolled batch dominates.
-  p=0 disables mixup. Other keys are untouched.
+  p=0 disables mixup. Other keys are untouched. `fold_in` (an int, as big_vision's
+  config.mixup.fold_in) is folded into rng first.
   """
   if not p:
     return dict(batch)
+  if fold_in is not None:
+    rng = jax.random.fold_in(rng, fold_in)
   if n < 2:
     raise ValueError(f"mixup needs n >= 2 examples to mix, got n={n}")
   for k in (*keys, label_key):

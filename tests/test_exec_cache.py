@@ -183,3 +183,15 @@ def test_trainer_code_outside_the_codebase_is_part_of_the_key(tmp_path, monkeypa
   assert context() != first
   # The codebase's own trainers are covered by source_fingerprint instead.
   assert exec_cache.code_fingerprint(base.loss_fn) == exec_cache.code_fingerprint()
+
+
+def test_a_full_disk_costs_the_entry_not_the_run(tmp_path, monkeypatch, caplog):
+  cache = exec_cache.ExecutableCache(str(tmp_path))
+  compiled = jax.jit(lambda x: x * 2).lower(np.ones(3, np.float32)).compile()
+  monkeypatch.setattr(exec_cache, "can_store", lambda: True)
+
+  def full_disk(src, dst):
+    raise OSError(28, "No space left on device")
+  monkeypatch.setattr(exec_cache.os, "replace", full_disk)
+  assert cache.put("k", compiled) is False
+  assert "cannot store k" in caplog.text and os.listdir(tmp_path) == []  # No .tmp left.

@@ -65,3 +65,11 @@ def test_integer_inputs_are_named_not_zeroed():
   uint8 = dict(_batch(), image=jnp.zeros((6, 4, 4, 3), jnp.uint8))
   with pytest.raises(ValueError, match="'image' is uint8"):
     mixup(jax.random.key(0), uint8, keys=("image",))
+
+
+def test_fold_in_changes_the_draw_like_folding_the_rng():
+  rng = jax.random.key(3)
+  folded = mixup(rng, _batch(), p=1.0, fold_in=7)
+  by_hand = mixup(jax.random.fold_in(rng, 7), _batch(), p=1.0)
+  np.testing.assert_array_equal(folded["image"], by_hand["image"])
+  assert not np.array_equal(folded["image"], mixup(rng, _batch(), p=1.0)["image"])

@@ -134,13 +134,14 @@ def load_teacher(teacher):
                      f"config.teachers.{teacher.name}.model: {e}") from None
 
 
-def mixup(rng, batch, *, p, keys):
+def mixup(rng, batch, *, p, keys, fold_in=None):
   """One mixup draw (coefficient and permutation) for every key in `keys` and labels."""
   import input_pipeline  # pylint: disable=import-outside-toplevel
   if "labels" in batch:
-    return input_pipeline.mixup(rng, batch, p=p, keys=keys)
+    return input_pipeline.mixup(rng, batch, p=p, keys=keys, fold_in=fold_in)
   # Unlabelled distillation data: same maths, the first image key stands in for labels.
-  return input_pipeline.mixup(rng, batch, p=p, keys=keys[1:], label_key=keys[0])
+  return input_pipeline.mixup(rng, batch, p=p, keys=keys[1:], label_key=keys[0],
+                              fold_in=fold_in)
 
 
 def make_trainer(config) -> train_loop.Trainer:
@@ -151,6 +152,7 @@ def make_trainer(config) -> train_loop.Trainer:
   distance, distance_kw = config.distance, dict(config.distance_kw)
   dd.check_distance({"kind": distance, **distance_kw}, where="config.distance")
   mix_p = float(config.mixup.get("p") or 0.0)
+  mix_fold_in = config.mixup.get("fold_in")
   mix_keys = ("image", *(t.input_key for t in teachers))
   cache = {}
 
@@ -184,7 +186,7 @@ def make_trainer(config) -> train_loop.Trainer:
   def loss_fn(params, batch, *, rng, flexi, consts):
     rng_mix, rng_drop = jax.random.split(rng)
     if mix_p:
-      batch = mixup(rng_mix, batch, p=mix_p, keys=mix_keys)
+      batch = mixup(rng_mix, batch, p=mix_p, keys=mix_keys, fold_in=mix_fold_in)
     logits, _ = student.apply({"params": params}, batch["image"], train=True,
                               rngs={"dropout": rng_drop}, **flexi)
     logits = logits.astype(jnp.float32)

@@ -37,7 +37,8 @@ def make_trainer(config) -> train_loop.Trainer:
     rng_mix, rng_drop = jax.random.split(rng)
     if mixup_cfg.get("p"):
       import input_pipeline  # pylint: disable=import-outside-toplevel
-      batch = input_pipeline.mixup(rng_mix, batch, p=mixup_cfg["p"])
+      batch = input_pipeline.mixup(rng_mix, batch, p=mixup_cfg["p"],
+                                   fold_in=mixup_cfg.get("fold_in"))
     logits, _ = model.apply({"params": params}, batch["image"], train=True,
                             rngs={"dropout": rng_drop}, **flexi)
     loss = losses.get(loss_name)(logits.astype(jnp.float32), batch["labels"])
