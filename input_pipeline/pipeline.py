@@ -67,6 +67,12 @@ def _local_batch(batch_size, process_count):
   return batch_size // process_count
 
 
+def _last_line(e):
+  """The op's own message from tf.data's multi-line "in user code: ..." wrapper."""
+  lines = [line.strip() for line in str(e).strip().strip("'\"").splitlines() if line.strip()]
+  return re.sub(r"^\w+(Error|Exception): ", "", lines[-1]) if lines else str(e)
+
+
 def _preprocess(ds, pp_string, *, seed, process_index, skip, tag, first_index=0):
   """Adds per-example seeds, runs pp, drops/counts bad records, strips "_" keys."""
   pp_fn = preprocess.get_preprocess_fn(pp_string)
@@ -78,7 +84,10 @@ def _preprocess(ds, pp_string, *, seed, process_index, skip, tag, first_index=0)
       ex[DECODE_OK_KEY] = tf.constant(True)
     return pp_fn(ex)
 
-  ds = ds.enumerate(start=first_index).map(run, num_parallel_calls=tf.data.AUTOTUNE)
+  try:
+    ds = ds.enumerate(start=first_index).map(run, num_parallel_calls=tf.data.AUTOTUNE)
+  except (ValueError, KeyError, TypeError) as e:  # Raised by an op while tf.data traces:
+    raise type(e)(f"{tag}: {_last_line(e)}") from None  # our line, not TF's trace.
   if skip:
     def count(record):
       DECODE_ERRORS[tag] += 1

@@ -325,3 +325,13 @@ def test_unknown_split_and_config_key(data_dir):
   with pytest.raises(ValueError, match=r"batch size 9 .* processes 2"):
     ip.build_train_dataset(dict(_train_cfg(data_dir), batch_size=9), process_index=0,
                            process_count=2)
+
+
+def test_pp_error_while_tf_data_traces_is_one_line(data_dir):
+  """An op that fails while tf.data traces the pp function (here a missing key): the
+  op's own message with the dataset, not TF's multi-line "in user code" trace."""
+  with pytest.raises(ValueError) as info:
+    ip.build_eval_dataset(dict(name=TINY, split="test", data_dir=data_dir),
+                          "decode|resize(8)|onehot(10)", 4, process_index=0, process_count=1)
+  assert str(info.value) == (f"{TINY}:test: pp op 'onehot': key 'labels' not in the "
+                             "example (keys: ['image', 'label'])")
