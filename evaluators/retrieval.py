@@ -143,9 +143,13 @@ def class_prompts(classnames, templates):
   return [(i, t.format(c)) for i, c in enumerate(classnames) for t in templates]
 
 
-def _classnames_from_tfds(data, label_key):
+def _dataset_classnames(data, label_key):
+  """The dataset's class names: a folder source's class folders, a TFDS label's names."""
   from input_pipeline import datasets  # pylint: disable=import-outside-toplevel
-  builder = datasets.get_builder(data["name"], data.get("data_dir"))
+  source = datasets.get_source(data)
+  if isinstance(source, datasets.FolderSource):
+    return [c.replace("_", " ") for c in source.classes]
+  builder = source.builder
   feature = builder.info.features[label_key]
   if not hasattr(feature, "names"):
     raise ValueError(f"dataset {data['name']!r} feature {label_key!r} has no class names; "
@@ -165,7 +169,7 @@ class ZeroShotEvaluator(_Base):
     super().__init__(predict_fns, ctx, data=data, pp_fn=pp_fn, pred=pred, preds=preds,
                      batch_size=batch_size, text_key=text_key)
     self.label_key = label_key
-    names = list(classnames) if classnames else _classnames_from_tfds(self.data, label_key)
+    names = list(classnames) if classnames else _dataset_classnames(self.data, label_key)
     self.classnames, self.templates = names, list(templates)
     self.tokens = self._tokenize(class_prompts(names, self.templates), pp_txt)
 

@@ -1,5 +1,7 @@
 """Flexi-LiT: contrastive losses (NumPy and 8-device mesh), locked image tower,
 retrieval recall, tokenizer round trips, bad inputs."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -341,3 +343,12 @@ def test_cli_smoke_end_to_end(tmp_path, capsys):
       assert 0.0 <= result.eval_metrics[metric.format(size)] <= 1.0
   out = capsys.readouterr().out
   assert "| patch_size | retrieval i2t@1" in out and "| 32 |" in out
+
+
+def test_zeroshot_classnames_of_a_folder_dataset(tmp_path):
+  """Without classnames=[...], a folder dataset's class folders name the classes."""
+  from evaluators import retrieval  # pylint: disable=import-outside-toplevel
+  for cls in ("golden_retriever", "tabby_cat"):
+    os.makedirs(tmp_path / "val" / cls)
+  names = retrieval._dataset_classnames(dict(name=f"dir:{tmp_path}"), "label")  # pylint: disable=protected-access
+  assert names == ["golden retriever", "tabby cat"]
