@@ -86,12 +86,14 @@ def global_eval_batches(data, pp_fn, batch_size, ctx: EvalContext):
   for b in local_eval_batches(data, pp_fn, batch_size):
     yield sharding.to_global(b, ctx.mesh, ctx.batch_axes)
 
+
 def labelled_mask(mask, labels):
   """Rows that count: real (not padding) and with at least one label. As big_vision's
   classification evaluator, an example whose label row is all zero (an empty ReaL
   set) is left out of accuracy and loss instead of counting as a miss."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   return mask.astype(jnp.float32) * (jnp.max(labels, axis=-1) > 0)
+
 
 # Modules whose evaluators are registered on first lookup (add new ones here).
 BUILTIN_MODULES = ["evaluators.classification", "evaluators.sweep", "evaluators.timing",

@@ -44,12 +44,12 @@ class CheckpointManager:
   def restore(self, step, params_like, opt_like, param_shardings, opt_shardings):
     """Restores onto the given shapes/shardings (abstract or concrete trees)."""
     where = f"checkpoint {os.path.join(self.directory, str(step))}"
-    stored = _read(where, lambda: self._mngr.item_metadata(step))
+    stored = _read(where, lambda: self._mngr.item_metadata(step), _RESUME_HINT)
     _check_shapes(where, stored["params"], params_like)  # (opt_state's follow the params.)
     out = _read(where, lambda: self._mngr.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(_abstract(params_like, param_shardings)),
         opt_state=ocp.args.StandardRestore(_abstract(opt_like, opt_shardings)),
-        meta=ocp.args.JsonRestore())))
+        meta=ocp.args.JsonRestore())), _RESUME_HINT)
     return out["params"], out["opt_state"], out["meta"]
 
   def wait(self):
@@ -87,17 +87,19 @@ def _handlers():
           "opt_state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
 
 
-def _read(where, fn):
+_RESUME_HINT = "; move it away to resume from an earlier step"
+
+
+def _read(where, fn, hint=""):
   """fn(), with orbax/TensorStore failures (missing items, truncated or corrupt files)
   turned into one line that names the checkpoint."""
   try:
     out = fn()
   except Exception as e:  # pylint: disable=broad-except
     detail = (str(e).strip().splitlines() or [""])[0].split(" See full")[0][:200]
-    raise ValueError(f"{where} is unreadable ({type(e).__name__}: {detail}); move it "
-                     "away to resume from an earlier step") from None
+    raise ValueError(f"{where} is unreadable ({type(e).__name__}: {detail}){hint}") from None
   if out is None or out["params"] is None:
-    raise ValueError(f"{where} has no params; move it away to resume from an earlier step")
+    raise ValueError(f"{where} has no params{hint}")
   return out
 
 
