@@ -19,7 +19,12 @@ _DECAYS = ("cosine", "linear", "rsqrt", "constant")
 
 
 def make_schedule(sched_cfg, *, total_steps: int, warmup_steps: int):
-  """Multiplier in [0, 1]: linear warmup from 0, then the configured decay."""
+  """Multiplier in [0, 1]: linear warmup, then the configured decay (big_vision's).
+
+  One difference: the warmup is (count + 1) / warmup, so the first update already
+  moves the weights; big_vision's count / warmup makes update 0 a no-op. Both reach
+  the peak at count = warmup - 1 / warmup and decay identically afterwards.
+  """
   decay = sched_cfg.get("decay_type", "cosine")
   if decay not in _DECAYS:
     raise ValueError(f"unknown schedule.decay_type {decay!r}; known: {_DECAYS}")
