@@ -22,8 +22,8 @@ def make_schedule(sched_cfg, *, total_steps: int, warmup_steps: int):
   """Multiplier in [0, 1]: linear warmup, then the configured decay (big_vision's).
 
   One difference: the warmup is (count + 1) / warmup, so the first update already
-  moves the weights; big_vision's count / warmup makes update 0 a no-op. Both reach
-  the peak at count = warmup - 1 / warmup and decay identically afterwards.
+  moves the weights; big_vision's count / warmup makes update 0 a no-op. Ours reaches
+  the peak one update earlier (count = warmup - 1); from count = warmup on they agree.
   """
   decay = sched_cfg.get("decay_type", "cosine")
   if decay not in _DECAYS:
