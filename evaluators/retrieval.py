@@ -41,26 +41,32 @@ def recall_at_k(sim, txt_to_img, ks=(1, 5, 10), chunk=1024):
   txt_to_img[j] is the image of text j (an image may own several texts).
   image->text: an image hits at k if one of its texts is among its k most similar
   texts; text->image: a text hits at k if its image is among its k most similar
-  images. Ties count in the query's favour. Returns {"i2t@k": r, "t2i@k": r}.
+  images. Ties count against the query (every other candidate scoring as high as the
+  right one ranks ahead of it) and NaN similarities are misses, so a collapsed or
+  diverged model scores ~0, not 1 (big_vision's argsort breaks ties by index
+  instead). Returns {"i2t@k": r, "t2i@k": r}.
   """
   sim = np.asarray(sim, np.float32)
+  sim = np.where(np.isnan(sim), -np.inf, sim)
   txt_to_img = np.asarray(txt_to_img)
   n_img, n_txt = sim.shape
   if txt_to_img.shape != (n_txt,) or txt_to_img.min(initial=0) < 0 or \
       txt_to_img.max(initial=0) >= n_img:
     raise ValueError(f"txt_to_img must be {n_txt} image indices < {n_img}, got shape "
                      f"{txt_to_img.shape}")
+  if np.bincount(txt_to_img, minlength=n_img).min() == 0:
+    raise ValueError("every image needs at least one text for image->text recall")
   true = sim[txt_to_img, np.arange(n_txt)]                      # [n_txt]
   own_best = np.full(n_img, -np.inf, np.float32)
   np.maximum.at(own_best, txt_to_img, true)
-  if np.isinf(own_best).any():
-    raise ValueError("every image needs at least one text for image->text recall")
+  own_at_best = np.bincount(txt_to_img[true >= own_best[txt_to_img]], minlength=n_img)
   rank_i2t = np.empty(n_img, np.int64)
-  rank_t2i = np.zeros(n_txt, np.int64)
+  rank_t2i = np.full(n_txt, -1, np.int64)  # The text's own image is counted below.
   for lo in range(0, n_img, chunk):
     block = sim[lo:lo + chunk]
-    rank_i2t[lo:lo + chunk] = np.sum(block > own_best[lo:lo + chunk, None], axis=1)
-    rank_t2i += np.sum(block > true[None, :], axis=0)
+    rank_i2t[lo:lo + chunk] = (np.sum(block >= own_best[lo:lo + chunk, None], axis=1)
+                               - own_at_best[lo:lo + chunk])
+    rank_t2i += np.sum(block >= true[None, :], axis=0)
   out = {}
   for k in ks:
     out[f"i2t@{k}"] = float(np.mean(rank_i2t < k))

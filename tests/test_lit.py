@@ -271,6 +271,19 @@ def test_recall_hand_made():
     retrieval.recall_at_k(sim, np.array([0, 1, 5, 2]))
 
 
+def test_recall_of_a_collapsed_or_diverged_model_is_not_perfect():
+  """Equal similarities (a collapsed tower) or NaN ones must not read as perfect
+  recall: ties count against the query, NaN is a miss."""
+  owner = np.arange(8) % 4  # 4 images, 2 texts each.
+  for sim in (np.ones((4, 8)), np.full((4, 8), np.nan)):
+    r = retrieval.recall_at_k(sim, owner, ks=(1, 6, 7))
+    assert r["i2t@1"] == r["t2i@1"] == 0.0 and r["i2t@6"] == 0.0 and r["i2t@7"] == 1.0
+  # An image's two texts tie with each other: still rank 0 (both are its own).
+  sim = np.where(owner[None, :] == np.arange(4)[:, None], 0.9, 0.1)
+  r = retrieval.recall_at_k(sim, owner, ks=(1,))
+  assert r == {"i2t@1": 1.0, "t2i@1": 1.0}
+
+
 def test_class_prompts():
   assert retrieval.class_prompts(["cat", "dog"], ["a {}", "the {}."]) == [
       (0, "a cat"), (0, "the cat."), (1, "a dog"), (1, "the dog.")]
