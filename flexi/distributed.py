@@ -17,9 +17,15 @@ def initialize(coordinator=None, num_processes=None, process_id=None, local_devi
   if coordinator is None:
     coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS")
     if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
+      if not os.environ.get("JAX_PROCESS_ID"):
+        raise ValueError("JAX_NUM_PROCESSES is set but JAX_PROCESS_ID is not: set both "
+                         "(and JAX_COORDINATOR_ADDRESS)")
       num_processes = int(os.environ["JAX_NUM_PROCESSES"])
       process_id = int(os.environ["JAX_PROCESS_ID"])
   if coordinator is None and not any(os.environ.get(k) for k in _ENV_HINTS):
+    if num_processes is not None and int(num_processes) > 1:  # Else each trains alone.
+      raise ValueError(f"{num_processes} processes need a coordinator: pass --coordinator "
+                       "host:port (or set JAX_COORDINATOR_ADDRESS)")
     return False
   if num_processes is not None and int(num_processes) <= 1 and coordinator is None:
     return False

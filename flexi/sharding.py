@@ -5,8 +5,9 @@ config.sharding.rules = [(".*", "replicate")]        # data parallel (default)
 config.sharding.rules = [(".*", "fsdp")]             # FSDP: largest divisible dim over fsdp_axis
 config.sharding.rules = [("head/kernel", (None, "data")), (".*", "fsdp")]  # explicit spec
 
-Rules apply to '/'-joined leaf names with `re.search`, first match wins, so optimizer
-state leaves ("1/0/mu/embedding/kernel") follow the rule of their parameter.
+Rules apply to '/'-joined param names with `re.search`, first match wins; optimizer
+state leaves ("1/0/mu/embedding/kernel") take their parameter's sharding
+(`opt_state_shardings`).
 """
 import re
 from typing import Sequence
@@ -56,6 +57,17 @@ def _spec_for(name, shape, rules, mesh, fsdp_axis):
       spec = tuple(rule)
       if len(spec) != len(shape):
         raise ValueError(f"sharding rule {pattern!r} spec {spec} does not fit {name} {shape}")
+      for dim, axes in zip(shape, spec):
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        unknown = [a for a in axes if a not in mesh.shape]
+        if unknown:
+          raise ValueError(f"sharding rule {pattern!r}: {unknown[0]!r} is not a mesh axis "
+                           f"{tuple(mesh.shape)}")
+        size = int(np.prod([mesh.shape[a] for a in axes]))
+        if dim % size:
+          raise ValueError(f"sharding rule {pattern!r}: {name} {shape} has a dim of {dim}, "
+                           f"not divisible by mesh axes {axes} ({size} devices); use 'fsdp' "
+                           "(replicates what does not divide) or another spec")
       return P(*spec)
   return P()
 
@@ -73,6 +85,25 @@ def tree_shardings(tree, mesh: Mesh, sharding_cfg):
       lambda p, x: NamedSharding(
           mesh, _spec_for(tree_utils.path_str(p), np.shape(x), rules, mesh, fsdp_axis)),
       tree)
+
+
+def opt_state_shardings(opt_tree, params, param_shardings, fallback):
+  """Shardings for optimizer state: a leaf whose name ends with a param's name (e.g.
+  "1/0/mu/txt/head/kernel") and has its shape gets that param's sharding, so anchored
+  rules ("^txt/") reach Adam's moments too; other leaves (counts, ...) get
+  `fallback(tree)`'s."""
+  by_name = {tree_utils.path_str(p): (np.shape(x), s) for (p, x), s in zip(
+      jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(param_shardings))}
+  default = fallback(opt_tree)
+
+  def pick(path, leaf, default_sharding):
+    parts = tree_utils.path_str(path).split("/")
+    for i in range(len(parts)):
+      shape, sharding = by_name.get("/".join(parts[i:]), (None, None))
+      if sharding is not None and shape == np.shape(leaf):
+        return sharding
+    return default_sharding
+  return jax.tree_util.tree_map_with_path(pick, opt_tree, default)
 
 
 def batch_sharding(mesh: Mesh, batch_axes=("data",)) -> NamedSharding:

@@ -189,7 +189,7 @@ def _init_state(trainer, config, tx, batch_spec, shard, ckpt, writer):
   params_shape = jax.eval_shape(trainer.init_params, rng, batch_spec)
   p_sh = shard(params_shape)
   opt_shape = jax.eval_shape(tx.init, params_shape)
-  o_sh = shard(opt_shape)
+  o_sh = sharding.opt_state_shardings(opt_shape, params_shape, p_sh, shard)
   latest = ckpt.latest_step()
   if latest is not None:
     params, opt_state, meta = ckpt.restore(latest, params_shape, opt_shape, p_sh, o_sh)

@@ -1,4 +1,5 @@
-"""flexi.host: when the entry points restart with glibc's huge-page tunable, and that it works."""
+"""flexi.host (the entry points restart with glibc's huge-page tunable, and that works) and
+flexi.distributed's launch checks."""
 import json
 import os
 import subprocess
@@ -82,3 +83,20 @@ def test_restarted_process_keeps_argv_and_faults_far_fewer_pages():
   pages_4k = (64 << 20) // 4096
   assert plain["faults"] >= 0.9 * pages_4k  # Every 4 KiB page faulted in afresh...
   assert huge["faults"] <= 0.1 * pages_4k  # ...vs 2 MiB pages.
+
+
+def test_multi_process_launch_without_a_coordinator_is_a_clear_error(monkeypatch):
+  """Several processes without a coordinator would each train alone in one workdir."""
+  from flexi import distributed  # pylint: disable=import-outside-toplevel
+  for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
+              *distributed._ENV_HINTS):  # pylint: disable=protected-access
+    monkeypatch.delenv(var, raising=False)
+  assert distributed.initialize() is False  # One plain process: nothing to do.
+  with pytest.raises(ValueError, match="2 processes need a coordinator: pass --coordinator"):
+    distributed.initialize(None, 2, 1)
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+  with pytest.raises(ValueError, match="JAX_PROCESS_ID is not"):
+    distributed.initialize()
+  monkeypatch.setenv("JAX_PROCESS_ID", "1")
+  with pytest.raises(ValueError, match="2 processes need a coordinator"):
+    distributed.initialize()
