@@ -122,6 +122,27 @@ def check_batch_size(global_batch: int, mesh: Mesh, batch_axes=("data",)) -> Non
   if global_batch % jax.process_count():
     raise ValueError(f"batch size {global_batch} is not divisible by the "
                      f"{jax.process_count()} processes")
+  _check_process_blocks(global_batch, mesh, batch_axes)
+
+
+def _check_process_blocks(global_batch, mesh, batch_axes):
+  """Each process feeds rows `local_slice` of the global batch, so its devices must
+  hold exactly those rows. A mesh whose batch axes repeat across processes (e.g.
+  [("model", 2), ("data", -1)] with the model axis spanning hosts) would otherwise
+  build a smaller batch from rows that disagree between processes."""
+  if jax.process_count() == 1:
+    return
+  lo, hi = local_slice(global_batch)
+  rows = set()
+  for device, index in batch_sharding(mesh, batch_axes).devices_indices_map(
+      (global_batch,)).items():
+    if device.process_index == jax.process_index():
+      rows.update(range(*index[0].indices(global_batch)))
+  if rows != set(range(lo, hi)):
+    raise ValueError(f"mesh {dict(mesh.shape)}: process {jax.process_index()}'s devices hold "
+                     f"{len(rows)} batch rows, not its own {hi - lo} ({lo}..{hi - 1}); order "
+                     f"config.mesh.axes so that the batch axes {tuple(batch_axes)} split "
+                     "the processes (e.g. the data axis first)")
 
 
 def to_global(local_batch: dict, mesh: Mesh, batch_axes=("data",)) -> dict:

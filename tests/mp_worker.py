@@ -16,6 +16,14 @@ def main():
   pid, port, workdir, out, cache = sys.argv[1:6]
   distributed.initialize(f"localhost:{port}", 2, int(pid))
   assert jax.process_count() == 2 and len(jax.devices()) == 8
+  from flexi import sharding  # pylint: disable=import-outside-toplevel
+  # A mesh whose batch axis repeats across the processes cannot take per-process rows.
+  try:
+    sharding.check_batch_size(8, sharding.make_mesh([("model", 2), ("data", -1)]))
+    raise AssertionError("a model-first mesh across processes was accepted")
+  except ValueError as e:
+    assert "devices hold 8 batch rows, not its own 4" in str(e), e
+  sharding.check_batch_size(8, sharding.make_mesh([("data", -1), ("model", 2)]))
   from tests import tiny_setup  # pylint: disable=import-outside-toplevel
   from trainers import train  # pylint: disable=import-outside-toplevel
   config = tiny_setup.tiny_config(compilation_cache_dir=cache)
