@@ -92,18 +92,16 @@ def opt_state_shardings(opt_tree, params, param_shardings, fallback):
   "1/0/mu/txt/head/kernel") and has its shape gets that param's sharding, so anchored
   rules ("^txt/") reach Adam's moments too; other leaves (counts, ...) get
   `fallback(tree)`'s."""
-  by_name = {tree_utils.path_str(p): (np.shape(x), s) for (p, x), s in zip(
-      jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(param_shardings))}
-  default = fallback(opt_tree)
+  shapes = {name: np.shape(x) for name, x in tree_utils.named_leaves(params)}
+  shardings = dict(tree_utils.named_leaves(param_shardings))
 
   def pick(path, leaf, default_sharding):
     parts = tree_utils.path_str(path).split("/")
-    for i in range(len(parts)):
-      shape, sharding = by_name.get("/".join(parts[i:]), (None, None))
-      if sharding is not None and shape == np.shape(leaf):
-        return sharding
+    for name in ("/".join(parts[i:]) for i in range(len(parts))):  # Longest first.
+      if shapes.get(name) == np.shape(leaf):
+        return shardings[name]
     return default_sharding
-  return jax.tree_util.tree_map_with_path(pick, opt_tree, default)
+  return jax.tree_util.tree_map_with_path(pick, opt_tree, fallback(opt_tree))
 
 
 def batch_sharding(mesh: Mesh, batch_axes=("data",)) -> NamedSharding:

@@ -40,10 +40,13 @@ def image_bytes_ok(raw):
   is_png = tf.equal(tf.strings.substr(raw, 0, 8), b"\x89PNG\r\n\x1a\n")
   is_gif = tf.equal(tf.strings.substr(raw, 0, 4), b"GIF8")
   is_bmp = tf.equal(tf.strings.substr(raw, 0, 2), b"BM")
-  head = tf.strings.join([raw, b"\x00" * 12])  # substr past the end would raise.
+  # The first 12 bytes, zero-padded (substr past the end would raise).
+  head = tf.strings.join([tf.strings.substr(raw, 0, 12), b"\x00" * 12])
   is_webp = (tf.equal(tf.strings.substr(head, 0, 4), b"RIFF")
              & tf.equal(tf.strings.substr(head, 8, 4), b"WEBP"))
-  jpeg_ok = is_jpeg & _contains(tf.io.decode_raw(raw, tf.uint8), (0xFF, 0xD9))
+  jpeg_ok = tf.cond(is_jpeg,  # Only JPEGs pay for the scan of the whole file.
+                    lambda: _contains(tf.io.decode_raw(raw, tf.uint8), (0xFF, 0xD9)),
+                    lambda: tf.constant(False))
   png_ok = is_png & _contains(tail, tuple(b"IEND"))
   webp_ok = is_webp & (_riff_size(head) + 8 <= tf.cast(length, tf.int64))
   return jpeg_ok | png_ok | webp_ok | is_gif | is_bmp
