@@ -47,3 +47,41 @@ def distill_memory(batch, patch, teacher="B/8", student="B", **student_kw):
           - mem.alias_size_in_bytes)
   return dict(peak_bytes=peak, temp_bytes=mem.temp_size_in_bytes,
               argument_bytes=mem.argument_size_in_bytes)
+
+
+def lit_locked_tower(batch, patch, *, skip_frozen_grads=True):
+  """The flexi-LiT step of configs/flexilit_b.py (B image tower locked, B text tower),
+  as the training loop builds it, with or without leaving the locked tower out of the
+  differentiation (flexi.steps.make_train_step's `frozen`). Returns the bytes of
+  gradients the gradient program hands to the update program and each program's peak
+  (XLA's memory analysis; params are initialised, nothing runs)."""
+  import os  # pylint: disable=import-outside-toplevel
+  import types  # pylint: disable=import-outside-toplevel
+
+  from flexi import config as config_lib, optim, sharding, steps  # pylint: disable=import-outside-toplevel
+  from trainers import lit  # pylint: disable=import-outside-toplevel
+
+  here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  config = config_lib.load(os.path.join(here, "configs", "flexilit_b.py"), schema=lit.schema())
+  trainer = lit.make_trainer(config)
+  mesh = sharding.make_mesh([("data", -1)])
+  rep = sharding.replicated(mesh)
+  spec = {"image": jax.ShapeDtypeStruct((batch, RES, RES, 3), jnp.float32, sharding=rep),
+          lit.TEXT_KEY: jax.ShapeDtypeStruct((batch, 16), jnp.int32, sharding=rep)}
+  params = jax.eval_shape(trainer.init_params, jax.random.PRNGKey(0), spec)
+  tx, lr_fn = optim.make_optimizer(config, params, total_steps=100, warmup_steps=10,
+                                   frozen=trainer.frozen)
+  opt_state = jax.eval_shape(tx.init, params)
+  frozen = optim.frozen_mask(config, params, trainer.frozen) if skip_frozen_grads else None
+  build = steps.make_train_step(trainer, tx, lr_fn, seed=0, frozen=frozen)
+  p_sh, o_sh = (jax.tree.map(lambda _: rep, t) for t in (params, opt_state))
+  sampler = types.SimpleNamespace(values=[patch], kwargs=lambda p: {"patch_size": (p, p)})
+  step = steps.compile_all(build, sampler, params, opt_state, None, spec, mesh, p_sh,
+                           o_sh)[0][patch]
+  out = {"grads_bytes": sum(x.size * x.dtype.itemsize
+                            for x in jax.tree.leaves(build.grads_like(params)))}
+  for name, program in (("grad", step.grads), ("update", step.update)):
+    mem = program.memory_analysis()
+    out[f"{name}_peak_bytes"] = (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                 + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+  return out

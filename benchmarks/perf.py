@@ -402,7 +402,15 @@ def section_memory(args):
     log(f"memory B/8 teacher + FlexiViT-B/8 student, batch {args.mem_batch}, {name}: "
         f"peak {rows[name]['peak_bytes'] / 2 ** 30:.2f} GiB "
         f"(temp {rows[name]['temp_bytes'] / 2 ** 30:.2f} GiB)")
-  RESULTS["memory"] = dict(batch=args.mem_batch, patch=8, rows=rows,
+  lit_rows = {}
+  if not args.quick:  # flexi-LiT with its locked B image tower: zero gradients or none.
+    for name, skip in (("zero-grads", False), ("frozen-skipped", True)):
+      lit_rows[name] = memory.lit_locked_tower(args.mem_batch, 16, skip_frozen_grads=skip)
+      log(f"flexi-LiT B/B, locked image tower, batch {args.mem_batch}, p=16, {name}: "
+          f"gradients {lit_rows[name]['grads_bytes'] / 2 ** 20:.0f} MiB, peak grad program "
+          f"{lit_rows[name]['grad_peak_bytes'] / 2 ** 20:.0f} MiB, update program "
+          f"{lit_rows[name]['update_peak_bytes'] / 2 ** 20:.0f} MiB")
+  RESULTS["memory"] = dict(batch=args.mem_batch, patch=8, rows=rows, lit=lit_rows,
                            remat_ratio=rows["remat"]["peak_bytes"]
                            / rows["default"]["peak_bytes"])
 
@@ -455,6 +463,11 @@ def summary():
       lines.append(f"| distill step peak memory, B/8 teacher + FlexiViT-B/8, batch "
                    f"{m['batch']}, {name} | {row['peak_bytes'] / 2 ** 30:.2f} GiB | "
                    f"{'measured' if name == 'default' else 'lower than default'} |")
+    for name, row in m.get("lit", {}).items():
+      lines.append(f"| flexi-LiT B/B step, locked image tower, {name}: gradients / "
+                   f"grad program peak / update program peak | "
+                   f"{row['grads_bytes'] / 2 ** 20:.0f} / {row['grad_peak_bytes'] / 2 ** 20:.0f}"
+                   f" / {row['update_peak_bytes'] / 2 ** 20:.0f} MiB | lower when skipped |")
   return "\n".join(lines)
 
 

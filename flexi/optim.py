@@ -105,12 +105,20 @@ def make_optimizer(config, params, *, total_steps: int, warmup_steps: int,
     chain += [*_wd_transforms(float(config.wd), wd_mults), post_wd, optax.scale(lr)]
   chain.append(optax.scale_by_schedule(lambda c: -mult_fn(c)))
   tx = optax.chain(*chain)
-  frozen = list(config.frozen) + list(frozen)
-  if frozen:
-    mask = tree_utils.regex_mask(params, frozen, what="config.frozen pattern")
+  mask = frozen_mask(config, params, frozen)
+  if mask is not None:
     labels = jax.tree.map(lambda m: "frozen" if m else "train", mask)
     tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
   return tx, lambda step: lr * mult_fn(step)
+
+
+def frozen_mask(config, params, frozen: Sequence[str] = ()):
+  """Bool tree, True for params matched by config.frozen or the trainer's `frozen`
+  regexes (not trained: no gradient, no optimizer state); None if nothing is frozen."""
+  patterns = list(config.frozen) + list(frozen)
+  if not patterns:
+    return None
+  return tree_utils.regex_mask(params, patterns, what="config.frozen pattern")
 
 
 def global_norm(tree):

@@ -259,7 +259,9 @@ def _prepare(config, trainer, data, dur, sampler, mesh, batch_axes, shard, ckpt,
     consts = jax.device_put(host_consts, shard(host_consts))
   writer.info(f"{optim.count_params(params):,} params; mesh {dict(mesh.shape)}; "
               f"{total} steps from {start}; {sampler.kind} in {sampler.values}")
-  step_fn = steps.make_train_step(trainer, tx, lr_fn, seed=config.seed)
+  step_fn = steps.make_train_step(
+      trainer, tx, lr_fn, seed=config.seed,
+      frozen=optim.frozen_mask(config, params_shape, trainer.frozen))
   t0 = time.perf_counter()
   compiled, compile_secs, loaded = steps.compile_all(
       step_fn, sampler if start < total else None, params, opt_state, consts, batch_spec,

@@ -99,11 +99,20 @@ class Patchify(nn.Module):
     return out + bias.astype(dtype)
 
 
+GELUS = ("tanh", "erf")
+
+
 class MlpBlock(nn.Module):
-  """Transformer feed-forward block (big_vision init)."""
+  """Transformer feed-forward block (big_vision init).
+
+  gelu="tanh" is big_vision's (flax's default, approximate) GELU, what every JAX-trained
+  checkpoint used; "erf" is the exact one that PyTorch's nn.GELU computes, for weights
+  trained in timm/DeiT (they differ by up to ~5e-4 per activation).
+  """
   mlp_dim: Optional[int] = None
   dropout: float = 0.0
   dtype: Any = None
+  gelu: str = "tanh"
   activation = staticmethod(fused_ops.gelu)  # = nn.gelu; reference.py uses flax's.
 
   @nn.compact
@@ -112,7 +121,12 @@ class MlpBlock(nn.Module):
                  bias_init=nn.initializers.normal(stddev=1e-6), dtype=self.dtype)
     d = x.shape[-1]
     x = nn.Dense(self.mlp_dim or 4 * d, **inits)(x)
-    x = self.activation(x)
+    if self.gelu == "tanh":
+      x = self.activation(x)
+    elif self.gelu == "erf":
+      x = nn.gelu(x, approximate=False)
+    else:
+      raise ValueError(f"unknown gelu {self.gelu!r}; choose one of {GELUS}")
     x = nn.Dropout(rate=self.dropout)(x, deterministic)
     return nn.Dense(d, **inits)(x)
 
@@ -171,6 +185,7 @@ class Encoder1DBlock(nn.Module):
   dropout: float = 0.0
   dtype: Any = None
   attention: str = "flax"
+  gelu: str = "tanh"
   scan_carry: bool = False  # Return (x, None), the carry/output pair nn.scan wants.
   # = nn.LayerNorm, MlpBlock with nn.gelu and nn.MultiHeadDotProductAttention, with
   # cheaper passes (fused_ops, MatmulDenseGeneral); benchmarks/reference.py swaps in flax's.
@@ -187,7 +202,7 @@ class Encoder1DBlock(nn.Module):
     x = x + y
     y = self.norm_cls(dtype=self.dtype)(x)
     y = self.mlp_cls(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype=self.dtype,
-                     name="MlpBlock_0")(y, deterministic)
+                     gelu=self.gelu, name="MlpBlock_0")(y, deterministic)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
     x = x + y
     return (x, None) if self.scan_carry else x
@@ -213,6 +228,7 @@ class Encoder(nn.Module):
   scan: bool = False
   dtype: Any = None
   attention: str = "flax"
+  gelu: str = "tanh"
 
   # nn.jit: the identical blocks share one trace (and its AD and lowering) instead of
   # tracing `depth` times: 4x faster lowering. XLA inlines the calls, so the compiled
@@ -226,7 +242,7 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic=True):
     kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
-              dtype=self.dtype, attention=self.attention)
+              dtype=self.dtype, attention=self.attention, gelu=self.gelu)
     block_cls = self.block_cls
     if self.remat:  # Recompute activations in the backward pass: less peak memory.
       block_cls = nn.remat(block_cls, static_argnums=(2,), prevent_cse=not self.scan)
@@ -247,6 +263,7 @@ class MAPHead(nn.Module):
   """Multihead attention pooling with a learned probe."""
   mlp_dim: Optional[int] = None
   num_heads: int = 12
+  gelu: str = "tanh"
 
   @nn.compact
   def __call__(self, x):
@@ -256,7 +273,7 @@ class MAPHead(nn.Module):
     x = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, kernel_init=nn.initializers.xavier_uniform())(probe, x)
     y = nn.LayerNorm()(x)
-    x = x + MlpBlock(mlp_dim=self.mlp_dim)(y)
+    x = x + MlpBlock(mlp_dim=self.mlp_dim, gelu=self.gelu)(y)
     return x[:, 0]
 
 
@@ -280,6 +297,7 @@ class _Model(nn.Module):
   scan: bool = False  # nn.scan over blocks (fast restarts, remat that works; see Encoder).
   dtype: Optional[str] = None  # Compute dtype, e.g. "bfloat16"; params stay float32.
   attention: str = "flax"  # "flax" (big_vision's), "xla", "blocked" or "auto" (fastest).
+  gelu: str = "tanh"  # big_vision's; "erf" for weights trained in PyTorch (see MlpBlock).
 
   # The stem module; benchmarks/reference.py swaps in big_vision's conv formulation.
   embedding_cls = Patchify
@@ -330,10 +348,10 @@ class _Model(nn.Module):
     x = self.encoder_cls(
         depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
         dropout=self.dropout, remat=self.remat, scan=self.scan, dtype=dtype,
-        attention=self.attention, name="Transformer")(x, not train)
+        attention=self.attention, gelu=self.gelu, name="Transformer")(x, not train)
     x = encoded = out["encoded"] = x.astype(jnp.float32)  # Pooling and head in float32.
     if self.pool_type == "map":
-      x = MAPHead(num_heads=self.num_heads, mlp_dim=self.mlp_dim)(x)
+      x = MAPHead(num_heads=self.num_heads, mlp_dim=self.mlp_dim, gelu=self.gelu)(x)
     elif self.pool_type == "gap":
       x = jnp.mean(x, axis=1)
     elif self.pool_type == "tok":
@@ -351,7 +369,8 @@ class _Model(nn.Module):
 
 
 _FIELDS = {"patch_size", "posemb_size", "width", "depth", "mlp_dim", "num_heads", "posemb",
-           "pool_type", "head_zeroinit", "dropout", "remat", "scan", "dtype", "attention"}
+           "pool_type", "head_zeroinit", "dropout", "remat", "scan", "dtype", "attention",
+           "gelu"}
 
 
 def Model(num_classes=None, *, variant=None, **kw):  # pylint: disable=invalid-name
@@ -364,6 +383,8 @@ def Model(num_classes=None, *, variant=None, **kw):  # pylint: disable=invalid-n
     if key in cfg:
       cfg[key] = _pair(cfg[key])
   attention_fn(cfg.get("attention", "flax"))  # Fail early on a bad name.
+  if cfg.get("gelu", "tanh") not in GELUS:
+    raise ValueError(f"unknown gelu {cfg['gelu']!r}; choose one of {GELUS}")
   if cfg.get("dtype") is not None:
     try:
       jnp.dtype(cfg["dtype"])

@@ -251,3 +251,36 @@ def test_two_program_step_equals_one_fused_step():
                              rtol=1e-6)
   assert float(metrics["train/scale"]) == 2.0
   np.testing.assert_allclose(metrics["train/lr"], 0.1)
+
+
+def test_frozen_params_get_no_gradient_buffer():
+  """A frozen param (LiT's locked tower) is left out of the differentiation: the gradient
+  program returns None for it, not a buffer of zeros; the step leaves it unchanged, trains
+  the rest like plain SGD with it held fixed, and the norm counts only trained params."""
+  w0 = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.full((3,), 0.5)}
+  x = jnp.linspace(-1.0, 1.0, 8).reshape(4, 2)
+
+  def loss_fn(params, batch, *, rng, flexi, consts):
+    del rng, flexi, consts
+    return jnp.mean((batch["x"] @ params["w"] + params["b"]) ** 2), {}
+  tx = optax.multi_transform({"train": optax.sgd(0.1), "frozen": optax.set_to_zero()},
+                             {"w": "train", "b": "frozen"})
+  build = steps.make_train_step(types.SimpleNamespace(loss_fn=loss_fn), tx, lambda s: 0.1,
+                                seed=0, frozen={"w": False, "b": True})
+  mesh = sharding.make_mesh([("data", -1)])
+  rep = sharding.replicated(mesh)
+  p_sh = jax.tree.map(lambda _: rep, w0)
+  spec = {"x": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep)}
+  sampler = types.SimpleNamespace(values=[1], kwargs=lambda v: {})
+  opt_state = tx.init(w0)
+  step = steps.compile_all(build, sampler, w0, opt_state, None, spec, mesh, p_sh,
+                           jax.tree.map(lambda _: rep, opt_state))[0][1]
+  grads, _ = step.grads(w0, None, {"x": x}, np.int32(0))
+  assert grads["b"] is None and grads["w"].shape == (2, 3)
+  grad_w = jax.grad(lambda w: loss_fn({"w": w, "b": w0["b"]}, {"x": x}, rng=None,
+                                      flexi=None, consts=None)[0])(w0["w"])
+  params, _, metrics = step(jax.tree.map(jnp.array, w0), opt_state, None, {"x": x},
+                            np.int32(0))
+  np.testing.assert_allclose(params["w"], w0["w"] - 0.1 * grad_w, rtol=1e-6)
+  np.testing.assert_array_equal(params["b"], w0["b"])
+  np.testing.assert_allclose(metrics["train/grad_norm"], jnp.linalg.norm(grad_w), rtol=1e-6)

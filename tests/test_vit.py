@@ -263,3 +263,30 @@ def test_block_saves_each_activation_once():
     block = vit.Encoder1DBlock(mlp_dim=4 * d, num_heads=heads, attention=attention)
     variables = block.init(jax.random.PRNGKey(1), x)
     assert _saved_activation_floats_per_token(block, variables, x) == floats, attention
+
+
+def test_exact_gelu_option_for_pytorch_trained_weights():
+  """gelu="erf" is PyTorch's exact GELU, 0.5 x (1 + erf(x / sqrt 2)), in every MLP
+  (blocks and the MAP head); the default stays big_vision's tanh approximation."""
+  import math  # pylint: disable=import-outside-toplevel
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 8)) * 2
+  block = vit.MlpBlock(mlp_dim=16, gelu="erf")
+  v = block.init(jax.random.PRNGKey(1), x)
+  p = jax.tree.map(np.asarray, v["params"])
+  h = np.asarray(x, np.float64) @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]
+  exact = 0.5 * h * (1 + np.vectorize(math.erf)(h / math.sqrt(2)))
+  want = exact @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
+  np.testing.assert_allclose(block.apply(v, x), want, rtol=1e-5, atol=1e-6)
+  tanh_out = vit.MlpBlock(mlp_dim=16).apply(v, x)
+  assert np.abs(tanh_out - want).max() > 1e-4  # The two GELUs really differ here.
+
+  image = jnp.zeros((1, 64, 64, 3))
+  for gelu, has, lacks in (("erf", "erfc", "tanh"), ("tanh", "tanh", "erfc")):
+    model = vit.Model(10, pool_type="map", gelu=gelu, **TINY)
+    params = model.init(jax.random.PRNGKey(0), image)["params"]
+    jaxpr = str(jax.make_jaxpr(lambda p, m=model: m.apply({"params": p}, image,
+                                                          patch_size=16))(params))
+    ops = re.findall(r"= (\w+) ", jaxpr)
+    assert has in ops and lacks not in ops, gelu  # Blocks and MAP head alike.
+  with pytest.raises(ValueError, match="unknown gelu 'exact'"):
+    vit.Model(10, gelu="exact", **TINY).init(jax.random.PRNGKey(0), image)

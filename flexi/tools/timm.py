@@ -11,6 +11,10 @@ timm layout (torch, OI / OIHW):        big_vision layout (HWIO / in-out):
   norm.{weight,bias}                   Transformer/encoder_norm/{scale,bias}
   head.{weight,bias}                   head/{kernel,bias}
 
+timm computes PyTorch's exact (erf) GELU, this ViT big_vision's tanh approximation by
+default. For weights that were trained in PyTorch (DeiT, timm-native ViTs) build the
+model with `gelu="erf"`; JAX-trained ones (FlexiViT, AugReg) were trained with tanh.
+
 .safetensors is read with `safetensors.numpy` (no torch); .pth needs torch and is
 loaded with `weights_only=True` (no pickled code runs).
 """
