@@ -67,9 +67,12 @@ def _realistic(c, a):
   sizes = [p for p in B_SIZES if res % p == 0]
   c.flexi = dict(patch_size=dict(v=[a.fixed] if a.fixed else sizes))
   preds = [f"predict_patch_size={p}" for p in sizes]
+  # Retrieval scores all captions of an image (COCO's protocol: the first 5, most images
+  # have exactly 5); first_n pads the few with fewer and masks them out.
+  tok_all = tok[:-1] + ", sample_if_multi=False)"
   pp_eval = (f'decode|resize({res})|value_range(-1, 1)|flatten|'
-             f'choice(inkey="captions/text", outkey="texts", mode="first")|{tok}|'
-             'keep("image", "labels")')
+             f'first_n(5, inkey="captions/text", outkey="texts")|{tok_all}|'
+             'keep("image", "labels", "texts_mask")')
   c.evals = dict(
       coco=dict(type="retrieval", data=dict(name="coco_captions", split="val"),
                 pp_fn=pp_eval, preds=preds, batch_size=512, log_steps=2_000),
@@ -109,8 +112,11 @@ def _runlocal(c, a):
   eval_img = f"decode|resize({res})|value_range(-1, 1)"
   bs = 100 if not a.smoke else 8
   c.evals = dict(
+      # All three captions of each image: 500 images, 1500 texts (first_n gives the
+      # caption list its static length, which tf.data needs to pad the last batch).
       retrieval=dict(type="retrieval", data=dict(name=data, split=split),
-                     pp_fn=f'{eval_img}|choice(mode="first")|{tok}|keep("image", "labels")',
+                     pp_fn=f'{eval_img}|first_n(3)|{tok[:-1]}, sample_if_multi=False)|'
+                           'keep("image", "labels")',
                      preds=preds, batch_size=bs, log_percent=100),
       zeroshot=dict(type="zeroshot", data=dict(name=data, split=split),
                     pp_fn=f'{eval_img}|keep("image", "label")', pp_txt=tok,

@@ -7,9 +7,9 @@ predict function (patch size) sees every image; texts are embedded once (the tex
 tower does not depend on the patch size).
 
     evals.retrieval = dict(type="retrieval", data=dict(name="shape_captions/64", split="test"),
-                           pp_fn='decode|resize(96)|value_range(-1, 1)|'
+                           pp_fn='decode|resize(96)|value_range(-1, 1)|first_n(3)|'
                                  'tokenize(32, eos="sticky", pad_value=1, sample_if_multi=False)|'
-                                 'keep("image", "labels")',
+                                 'keep("image", "labels", "texts_mask")',  # All captions.
                            preds=["predict_patch_size=8", ...])       # metrics: <size>/i2t@1 ...
     evals.zeroshot = dict(type="zeroshot", data=..., pp_fn='...|keep("image", "label")',
                           pp_txt='tokenize(32, eos="sticky", pad_value=1)',
@@ -108,14 +108,30 @@ class _Base:
 
 @register("retrieval")
 class RetrievalEvaluator(_Base):
-  """Image->text and text->image recall@k per patch size."""
+  """Image->text and text->image recall@k per patch size.
+
+  Several captions per image: token ids [batch, k, len] (`tokenize(...,
+  sample_if_multi=False)`), and where images have different numbers of captions (COCO)
+  `first_n(5, ...)` before it, whose `text_mask_key` says which of the k are real.
+  """
   TYPE, REQUIRED = "retrieval", ("data", "pp_fn")
 
   def __init__(self, predict_fns, ctx, *, data, pp_fn, pred=None, preds=None,
-               batch_size=None, ks=(1, 5, 10), text_key="labels"):
+               batch_size=None, ks=(1, 5, 10), text_key="labels", text_mask_key="texts_mask"):
     super().__init__(predict_fns, ctx, data=data, pp_fn=pp_fn, pred=pred, preds=preds,
                      batch_size=batch_size, text_key=text_key)
     self.ks = tuple(int(k) for k in ks)
+    self.text_mask_key = text_mask_key
+
+  def _real_texts(self, batch, shape):
+    """bool[batch, k]: which captions are real (all, without `text_mask_key`)."""
+    if self.text_mask_key not in batch:
+      return np.ones(shape, bool)
+    real = _to_host(batch[self.text_mask_key]).astype(bool)
+    if real.shape != shape:
+      raise ValueError(f"retrieval: {self.text_mask_key!r} has shape {real.shape}, the "
+                       f"captions {shape} ([batch, captions per image])")
+    return real
 
   def run(self, variables):
     zimg = {n: [] for n in self.names}
@@ -126,9 +142,10 @@ class RetrievalEvaluator(_Base):
       tokens = batch[self.text_key]
       per_image = 1 if tokens.ndim == 2 else tokens.shape[1]
       t = _to_host(self.embed_txt(variables, tokens)).reshape(len(mask), per_image, -1)
-      ztxt.append(t[mask].reshape(-1, t.shape[-1]))
+      real = self._real_texts(batch, (len(mask), per_image))[mask]
+      ztxt.append(t[mask][real])
       idx = n_seen + np.arange(int(mask.sum()))
-      owner.append(np.repeat(idx, per_image))
+      owner.append(np.broadcast_to(idx[:, None], real.shape)[real])
       n_seen += int(mask.sum())
       for n in self.names:
         zimg[n].append(_to_host(self.embed_img[n](variables, batch["image"]))[mask])

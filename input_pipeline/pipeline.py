@@ -136,7 +136,7 @@ def build_train_dataset(input_cfg, *, process_index=None, process_count=None,
 def _zeros_like_spec(spec, key):
   if not spec.shape.is_fully_defined():
     raise ValueError(f"Eval pp must give fixed shapes to pad the last batch; {key!r} has "
-                     f"shape {spec.shape} (add a resize/crop)")
+                     f"shape {spec.shape} (add a resize/crop; first_n(k) for lists of captions)")
   return tf.zeros(spec.shape, spec.dtype)
 
 

@@ -85,6 +85,34 @@ def get_flatten(sep="/"):
   return _flatten
 
 
+def get_first_n(n, inkey="texts", outkey="texts", mask_key=None):
+  """The first `n` elements of a 1-D tensor (an image's captions), padded with empty
+  values to exactly `n`, so that examples with different counts batch together.
+
+  `mask_key` (default "<outkey>_mask") gets bool[n]: True for the real elements. The
+  retrieval evaluator reads it to score every caption of an image (COCO's standard
+  protocol, 5 per image) instead of one.
+  """
+  n = int(n)
+  if n < 1:
+    raise ValueError(f"pp op 'first_n': n must be >= 1, got {n}")
+  mask_key = mask_key or f"{outkey}_mask"
+
+  def _first_n(data):
+    if inkey not in data:
+      raise _missing("first_n", inkey, data)
+    x = data[inkey]
+    if x.shape.rank != 1:
+      raise ValueError(f"pp op 'first_n': {inkey!r} must be 1-D (a list of values), "
+                       f"got shape {x.shape}")
+    x = x[:n]
+    count = tf.shape(x)[0]
+    data[outkey] = tf.ensure_shape(tf.concat([x, tf.zeros([n - count], x.dtype)], 0), [n])
+    data[mask_key] = tf.range(n) < count
+    return data
+  return _first_n
+
+
 @in_key_out_key(indefault="texts", outdefault="texts", random=True)
 def get_choice(mode="random"):
   """Picks one element of a 1-D tensor (e.g. one caption of several).

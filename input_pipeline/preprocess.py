@@ -30,6 +30,7 @@ OPS = {
     "flatten": pp_general.get_flatten,
     # Text (flexi-LiT).
     "choice": pp_general.get_choice,
+    "first_n": pp_general.get_first_n,
     "tokenize": text.get_tokenize,
 }
 

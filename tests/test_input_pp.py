@@ -323,3 +323,17 @@ def test_container_check_accepts_what_tf_decodes_and_rejects_truncation():
     assert tf.io.decode_image(good, channels=3, expand_animations=False).shape == (16, 16, 3)
   for bad in (jpeg[:len(jpeg) // 2], webp[:len(webp) - 10], webp[:6], b"\x00garbage"):
     assert not bool(pp_image.image_bytes_ok(tf.constant(bad)))
+
+
+def test_first_n_pads_or_truncates_with_a_mask():
+  out = run('first_n(3, inkey="captions/text")', **{"captions/text": ["a", "b"]})
+  assert out["texts"].tolist() == [b"a", b"b", b""]
+  assert out["texts_mask"].tolist() == [True, True, False]
+  out = run("first_n(2, mask_key='m')", texts=["a", "b", "c"])
+  assert out["texts"].tolist() == [b"a", b"b"] and out["m"].all()
+  with pytest.raises(ValueError, match="'first_n': n must be >= 1, got 0"):
+    run("first_n(0)", texts=["a"])
+  with pytest.raises(ValueError, match=r"'first_n': 'texts' must be 1-D .* shape \(\)"):
+    run("first_n(2)", texts="a")
+  with pytest.raises(ValueError, match=r"pp op 'first_n'.*'texts'"):
+    run("first_n(2)", image=rand_img())

@@ -10,6 +10,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from flexi import checkpoint, data_source, train_loop, tree_utils, two_tower
 from flexi import config as config_lib
+import evaluators as evaluators_lib
 from evaluators import retrieval
 from trainers import lit
 
@@ -365,3 +366,55 @@ def test_zeroshot_classnames_of_a_folder_dataset(tmp_path):
     os.makedirs(tmp_path / "val" / cls)
   names = retrieval._dataset_classnames(dict(name=f"dir:{tmp_path}"), "label")  # pylint: disable=protected-access
   assert names == ["golden retriever", "tabby cat"]
+
+
+def test_retrieval_scores_every_real_caption_of_variable_counts():
+  """COCO's protocol: all captions of each image, whose numbers differ. `first_n` pads
+  them to a fixed count with a mask (so tf.data batches them); the evaluator scores
+  exactly the real ones. Image i embeds as e_i, a caption as e_(its first letter), an
+  empty (padded) caption as 0: scored, a padded caption would be a text->image miss."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from flexi import sharding  # pylint: disable=import-outside-toplevel
+  from input_pipeline import get_preprocess_fn  # pylint: disable=import-outside-toplevel
+  counts = [1, 2, 5, 4, 1, 3]  # first_n(3) keeps <= 3 of them.
+  captions = [[f"{chr(97 + i)} photo {j}" for j in range(c)] for i, c in enumerate(counts)]
+  pp = get_preprocess_fn('first_n(3)|tokenize(16, eos="sticky", sample_if_multi=False)|'
+                         'keep("labels", "texts_mask")')
+  ds = tf.data.Dataset.from_generator(
+      lambda: ({"texts": c} for c in captions),
+      output_signature={"texts": tf.TensorSpec([None], tf.string)}).map(pp).batch(4)
+  batches = [{k: v.numpy() for k, v in b.items()} for b in ds]
+  assert batches[0]["labels"].shape == (4, 3, 16)
+  real = np.concatenate([b["texts_mask"] for b in batches])
+  np.testing.assert_array_equal(real.sum(1), np.minimum(counts, 3))
+
+  n_img = len(counts)
+
+  def predict(variables, batch, **flexi):
+    del variables, flexi
+    out = {}
+    if "image" in batch:
+      out["img"] = jax.nn.one_hot(batch["image"][:, 0].astype(jnp.int32), n_img)
+    if "labels" in batch:
+      out["txt"] = jax.nn.one_hot(batch["labels"][:, 0] - (97 + 3), n_img)  # Byte ids.
+    return out
+  mesh = sharding.make_mesh([("data", -1)])
+  ctx = evaluators_lib.EvalContext(mesh, ("data",), 8, None)
+  fns = train_loop.PredictFns(predict, "patch_size", (8,))
+  ev = retrieval.RetrievalEvaluator(fns, ctx, data={}, pp_fn="", preds=["predict_patch_size=8"],
+                                    batch_size=8, ks=(1,))
+  global_batch = {"image": np.arange(8, dtype=np.float32)[:, None],
+                  "labels": np.concatenate([b["labels"] for b in batches] + [
+                      np.zeros((2, 3, 16), np.int32)]),
+                  "texts_mask": np.concatenate([real, np.zeros((2, 3), bool)]),
+                  "_mask": np.arange(8) < n_img}
+  ev._batches = lambda: iter([(global_batch["_mask"], sharding.to_global(  # pylint: disable=protected-access
+      {k: v for k, v in global_batch.items() if k != "_mask"}, mesh))])
+  metrics = dict(ev.run({}))
+  assert metrics == {"patch_size=8/i2t@1": 1.0, "patch_size=8/t2i@1": 1.0}
+  ev.text_mask_key = "no such key"  # Every slot scored: the 5 padded ones miss.
+  assert dict(ev.run({}))["patch_size=8/t2i@1"] == pytest.approx(13 / 18)
+  global_batch["texts_mask"] = global_batch["texts_mask"][:, :2]
+  ev.text_mask_key = "texts_mask"
+  with pytest.raises(ValueError, match=r"'texts_mask' has shape \(8, 2\), the captions \(8, 3\)"):
+    dict(ev.run({}))
