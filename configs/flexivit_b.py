@@ -28,7 +28,8 @@ student image and value-ranges it twice); the i21k variant's ImageNet-1k evals n
 a label-mapped classifier that does not exist here yet, so i21k evaluates on i21k
 splits and measures student-teacher distances there. The student stores a 32x32
 kernel (paper section 3.4, released checkpoints); big_vision's i21k config writes
-patch_size=(8, 8) for it.
+patch_size=(8, 8) for it, its i1k config patch_size=(16, 16). Eval preprocessing is
+big_vision's: `resize` (square) + central crop, `resize_small` for the i21k distances.
 """
 import ml_collections
 
@@ -51,8 +52,10 @@ def _pp_train(res, t_res, label_pp):
           f'|resize({t_res}, key="prof")|value_range(-1, 1, key="prof")' + label_pp)
 
 
-def _pp_eval(res, key="image"):
-  return (f'resize_small({res // 7 * 8}, key="{key}")|central_crop({res}, key="{key}")'
+def _pp_eval(res, key="image", resize="resize"):
+  # As big_vision's flexivit configs: a square `resize` to 8/7 of the crop for the
+  # classification evals (it distorts the aspect ratio), `resize_small` for i21k distances.
+  return (f'{resize}({res // 7 * 8}, key="{key}")|central_crop({res}, key="{key}")'
           f'|value_range(-1, 1, key="{key}")')
 
 
@@ -97,8 +100,9 @@ def _paper_evals(a, c, t_res):
                          f'|keep("{keep}", "labels")')
   student_pp = "decode|" + _pp_eval(a.res)
   teacher_pp = 'decode|copy("image", "prof")|' + _pp_eval(t_res, "prof")
-  both_pp = ('decode|copy("image", "prof")|' + _pp_eval(a.res) + "|" + _pp_eval(t_res, "prof")
-             + '|keep("image", "prof")')
+  both = "resize" if i1k else "resize_small"
+  both_pp = ('decode|copy("image", "prof")|' + _pp_eval(a.res, resize=both) + "|"
+             + _pp_eval(t_res, "prof", resize=both) + '|keep("image", "prof")')
   common = dict(loss_name=c.loss, log_percent=0.05, batch_size=1024)
   if i1k:
     splits = dict(minitrain=("imagenet2012", "train[:2%]", "label"),

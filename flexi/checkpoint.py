@@ -224,7 +224,10 @@ def load_into(init_params, loaded, dont_load=(), posemb_hw=None):
 
   Keeps init values for names matching a `dont_load` regex; PI-resizes
   `embedding/kernel` and resizes `pos_embedding` when sizes differ. Raises a
-  ValueError naming missing or mis-shaped parameters; unexpected ones are logged.
+  ValueError naming missing or mis-shaped parameters, and, as big_vision's
+  `merge_params`, checkpoint parameters the model lacks (a different pool_type or
+  head: the loaded model would silently compute something else) unless `dont_load`
+  matches them.
   """
   init_flat = flatten(vit.scan_to_layers(init_params))
   posemb = init_flat.get("pos_embedding")
@@ -252,7 +255,11 @@ def load_into(init_params, loaded, dont_load=(), posemb_hw=None):
                      + "; ".join(bad_shape))
   if missing:
     raise ValueError(f"checkpoint lacks parameter(s) {missing} (use dont_load to re-init)")
-  unexpected = sorted(set(loaded_flat) - set(init_flat))
+  unexpected = sorted(n for n in set(loaded_flat) - set(init_flat)
+                      if not any(p.fullmatch(n) for p in skip))
   if unexpected:
-    log.warning("ignoring checkpoint parameters the model does not have: %s", unexpected)
+    more = f" and {len(unexpected) - 6} more" if len(unexpected) > 6 else ""
+    raise ValueError(f"checkpoint has parameter(s) the model lacks: {unexpected[:6]}{more} "
+                     "(a different model config, e.g. pool_type or head? dont_load skips "
+                     "them)")
   return vit.match_layout(unflatten(merged), init_params)

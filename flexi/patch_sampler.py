@@ -51,6 +51,13 @@ class PatchSampler:
     if "stages" in cur:
       self._stages = [(self._until(u), _normalize(p, n, "flexi.curriculum stage"))
                       for u, p in cur["stages"]]
+      ends = [until for until, _ in self._stages]
+      for i in range(1, len(ends)):  # Else a stage would silently never apply.
+        if ends[i] <= ends[i - 1] or ends[i - 1] >= self.total_steps:
+          raise ValueError(
+              f"flexi.curriculum.stages: stage {i} never applies (the stages end at steps "
+              f"{ends} of {self.total_steps}; ends must increase and all but the last lie "
+              "within training)")
     elif "start" in cur or "end" in cur:
       self._linear = (_normalize(cur.get("start"), n, "flexi.curriculum.start"),
                       _normalize(cur.get("end"), n, "flexi.curriculum.end"))

@@ -120,6 +120,14 @@ def test_load_into_errors_name_the_parameter(params):
                                   if k != "cls"})
   with pytest.raises(ValueError, match=r"lacks parameter\(s\) \['cls'\]"):
     checkpoint.load_into(params, partial)
+  # A MAP-pooled checkpoint loaded as a "tok" model (a config typo) would drop the head
+  # that made its logits: an error, as big_vision's merge_params, unless dont_load says so.
+  map_pooled = _init(vit.Model(10, **dict(TINY, pool_type="map")))
+  map_pooled["cls"] = params["cls"]
+  with pytest.raises(ValueError, match=r"parameter\(s\) the model lacks: \['MAPHead_0/"):
+    checkpoint.load_into(params, map_pooled)
+  merged = checkpoint.load_into(params, map_pooled, dont_load=("MAPHead_0/.*",))
+  np.testing.assert_array_equal(merged["head"]["kernel"], map_pooled["head"]["kernel"])
 
 
 def test_old_layout_with_cls_posemb_is_fixed(params):

@@ -73,3 +73,29 @@ def test_fold_in_changes_the_draw_like_folding_the_rng():
   by_hand = mixup(jax.random.fold_in(rng, 7), _batch(), p=1.0)
   np.testing.assert_array_equal(folded["image"], by_hand["image"])
   assert not np.array_equal(folded["image"], mixup(rng, _batch(), p=1.0)["image"])
+
+
+def _per_example_coef(mixed, x):
+  """a_j from mixed[j] = a_j x[j] + (1 - a_j) x[j-1], per example (least squares)."""
+  prev = jnp.roll(x, 1, axis=0)
+  d, m = (x - prev).reshape(len(x), -1), (mixed - prev).reshape(len(x), -1)
+  return np.asarray(jnp.sum(m * d, 1) / jnp.sum(d * d, 1))
+
+
+@pytest.mark.parametrize("fold_in,groups", [("sample", 16), ("device", 8), ("host", 1)])
+def test_fold_in_modes_like_big_vision(fold_in, groups):
+  """big_vision's fold_in: one coefficient per example, per device (8 simulated) or per
+  process (1 here), the same for the images and the labels of an example."""
+  rng = np.random.default_rng(1)
+  batch = {"image": jnp.asarray(rng.normal(size=(16, 2, 2, 3)), jnp.float32),
+           "labels": jnp.asarray(rng.normal(size=(16, 4)), jnp.float32)}  # Any floats.
+  out = jax.jit(lambda b: mixup(jax.random.key(0), b, p=1.0, fold_in=fold_in))(batch)
+  a = _per_example_coef(out["image"], batch["image"])
+  np.testing.assert_allclose(a, _per_example_coef(out["labels"], batch["labels"]), atol=1e-5)
+  per_group = a.reshape(groups, -1)
+  np.testing.assert_allclose(per_group, per_group[:, :1].repeat(16 // groups, 1), atol=1e-5)
+  assert len(np.unique(per_group[:, 0].round(5))) == groups and np.all(a >= 0.5 - 1e-5)
+  with pytest.raises(ValueError, match=r"mixup.fold_in must be one of .* got 'batch'"):
+    mixup(jax.random.key(0), batch, p=1.0, fold_in="batch")
+  with pytest.raises(ValueError, match=r"fold_in='device': batch 12 does not split into 8"):
+    mixup(jax.random.key(0), jax.tree.map(lambda x: x[:12], batch), p=1.0, fold_in="device")

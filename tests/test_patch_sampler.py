@@ -52,6 +52,11 @@ def test_stage_curriculum_large_patches_first():
   s2 = patch_sampler.PatchSampler("patch_size", [8, 32], curriculum={
       "stages": [(10, [0, 1]), (1.0, [1, 0])]}, total_steps=1000)
   assert [s2.sample(i) for i in range(12)] == [32] * 10 + [8] * 2
+  for stages in ([(1.0, [0, 1]), (0.25, [1, 0])],    # Out of order.
+                 [(2000, [1, 0]), (1.0, [0, 1])]):    # First ends after training.
+    with pytest.raises(ValueError, match=r"stage 1 never applies \(the stages end at steps"):
+      patch_sampler.PatchSampler("patch_size", [8, 32], curriculum={"stages": stages},
+                                 total_steps=1000)
 
 
 def test_linear_curriculum():
