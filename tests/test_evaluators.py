@@ -150,6 +150,20 @@ def test_sweep_bad_config(setup):
   with pytest.raises(ValueError, match="batch size 12"):
     sweep.Evaluator(setup["fns"], setup["ctx"], patch_sizes=(8,), batch_size=12,
                     data={}, pp_fn="")
+  with pytest.raises(ValueError, match="'predict_patch_size=0' is not"):
+    sweep.Evaluator(setup["fns"], setup["ctx"], patch_sizes=(0,), data={}, pp_fn="")
+
+
+def test_sweep_rows_on_non_square_images(setup):
+  """A token grid on a 32x16 image: patch (8, 4), grid 4x4 = 16 tokens (not 8x8 on both
+  axes); img/s is timed on a resident batch, so it is finite and positive."""
+  images = setup["images"][:16, :, :16]
+  batches = lambda: sweep.pad_batches({"image": images, "labels": setup["onehot"][:16]}, 16)  # noqa: E731
+  ev = sweep.Evaluator(setup["fns"], setup["ctx"], seqhws=(4,), batch_size=16,
+                       batches=batches, verbose=False, timing_reps=2)
+  row = ev.evaluate({"params": setup["params"]})["predict_seqhw=4"]
+  assert (row["patch_hw"], row["seqhw"], row["tokens"]) == ([8, 4], [4, 4], 16)
+  assert row["img_per_sec"] > 0 and row["ms_per_img"] == pytest.approx(1e3 / row["img_per_sec"])
 
 
 def test_timing_evaluator(setup, tmp_path):
