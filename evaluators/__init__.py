@@ -23,6 +23,8 @@ Contract (what a trainer gives, what an evaluator implements):
   "<eval name>/<metric_name>".
 """
 import dataclasses
+import difflib
+import inspect
 import importlib
 from typing import Any, Callable, Dict, Mapping, Optional
 
@@ -129,6 +131,20 @@ class LazyEvaluator:
       yield f"{self.name}/{metric}", value
 
 
+def _check_options(name, kind, cls, kwargs):
+  """A misspelt option fails when the config is built, not at the first eval hours in."""
+  params = inspect.signature(cls.__init__).parameters
+  if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+    return
+  known = sorted(set(params) - {"self", "predict_fns", "ctx"})
+  unknown = sorted(set(kwargs) - set(known))
+  if unknown:
+    close = difflib.get_close_matches(unknown[0], known + sorted(COMMON_KEYS), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"config.evals.{name} ({kind}): unknown option(s) {unknown}{hint}; "
+                     f"known: {known + sorted(COMMON_KEYS)}")
+
+
 def build_evaluators(evals_cfg: Mapping, predict_fns: Mapping, ctx: EvalContext, *,
                      batch_size: int, num_train_examples=None, total_steps=None):
   """Validates types and cadences now; constructs each evaluator on its first run."""
@@ -141,6 +157,7 @@ def build_evaluators(evals_cfg: Mapping, predict_fns: Mapping, ctx: EvalContext,
     every = durations.to_steps(cfg, "log", batch_size=batch_size, default=None,
                                num_examples=num_train_examples, total_steps=total_steps)
     kwargs = {k: v for k, v in cfg.items() if k not in COMMON_KEYS}
+    _check_options(name, cfg["type"], cls, kwargs)
     if hasattr(cls, "validate"):
       cls.validate(name, kwargs, predict_fns)
     out.append(LazyEvaluator(name, every, cfg.get("run_at_end", True),

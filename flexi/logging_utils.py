@@ -15,18 +15,52 @@ def _to_py(v):
 
 
 class MetricWriter:
-  """One JSON line per `write` and TensorBoard scalars; no-op on processes != 0."""
+  """One JSON line per `write` and TensorBoard scalars; no-op on processes != 0.
+
+  Both are on disk when `write` returns (tf.summary's writer, flushed; tensorboardX's
+  background queue lost the rows of a killed run). A resumed run calls
+  `drop_after(step)` so the steps it repeats are not logged twice.
+  """
 
   def __init__(self, workdir, *, enabled=None, tensorboard=True, stream=None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.stream = stream
-    self._json = self._tb = None
+    self._json = self._tb = self._path = None
     if self.enabled and workdir:
       os.makedirs(workdir, exist_ok=True)
-      self._json = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self._path = os.path.join(workdir, "metrics.jsonl")
+      self._json = open(self._path, "a")
       if tensorboard:
-        from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+        import input_pipeline  # pylint: disable=import-outside-toplevel,unused-import  # TF off the GPUs.
+        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+        from tensorflow.core.framework import summary_pb2  # pylint: disable=import-outside-toplevel
+        self._tf = tf
+        self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tb"))
+        # TensorBoard's scalar-plugin metadata, so tf.summary.write needs no tensorboard
+        # package (tf.summary.scalar does).
+        self._scalar_meta = summary_pb2.SummaryMetadata(
+            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
+            data_class=summary_pb2.DATA_CLASS_SCALAR).SerializeToString()
+
+  def rows(self):
+    """The rows in metrics.jsonl (process 0; [] elsewhere)."""
+    if not self._path or not os.path.exists(self._path):
+      return []
+    with open(self._path) as f:
+      return [json.loads(line) for line in f if line.strip()]
+
+  def drop_after(self, step: int):
+    """Removes the rows of steps after `step` from metrics.jsonl (atomically). TensorBoard
+    drops them itself when the repeated steps arrive (out-of-order steps are purged)."""
+    if not self._json:
+      return
+    keep = [r for r in self.rows() if r.get("step", 0) <= step]
+    self._json.close()
+    tmp = self._path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in keep)
+    os.replace(tmp, self._path)
+    self._json = open(self._path, "a")
 
   def write(self, step: int, metrics: dict):
     if not self.enabled:
@@ -36,9 +70,11 @@ class MetricWriter:
       self._json.write(json.dumps(row) + "\n")
       self._json.flush()
     if self._tb:
-      for k, v in row.items():
-        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-          self._tb.add_scalar(k, v, int(step))
+      with self._tb.as_default():
+        for k, v in row.items():
+          if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+            self._tf.summary.write(k, self._tf.constant(float(v), self._tf.float32),
+                                   step=int(step), metadata=self._scalar_meta)
       self._tb.flush()
 
   def info(self, msg: str):

@@ -9,6 +9,8 @@ import dataclasses
 import itertools
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -183,6 +185,64 @@ class _FiniteGuard:
     self.pending = []
 
 
+def _run_evals(evals, step, params, consts, writer, eval_metrics) -> bool:
+  """Runs `evals` on the params of `step`, logs their results; True if any ran."""
+  variables = None
+  for ev in evals:
+    variables = variables or {"params": params, **(consts or {})}
+    t0 = time.perf_counter()
+    results = dict(ev.run(variables))
+    results[f"{ev.name}/eval_sec"] = time.perf_counter() - t0
+    writer.write(step, results)
+    eval_metrics.update(results)
+  return variables is not None
+
+
+def _unfinished_evals(evals, step, total, writer):
+  """Evals due at `step` (a resumed checkpoint's) that logged no result there: a crash
+  came after the checkpoint and before or during them. All processes agree (process 0
+  holds the log)."""
+  if step == 0 or not evals:
+    return []
+  logged = set()
+  for row in writer.rows():
+    if row.get("step") == step:
+      logged.update(row)
+  todo = np.array([ev.due(step, total) and f"{ev.name}/eval_sec" not in logged
+                   for ev in evals])
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    todo = np.asarray(multihost_utils.broadcast_one_to_all(todo))
+  return [ev for ev, t in zip(evals, todo) if t]
+
+
+class _Preemption:
+  """A SIGTERM (preempted VM, a scheduler's stop) ends the run after the current step
+  with a checkpoint. Multi-process runs use JAX's preemption sync point (the
+  coordination service catches the signal and picks one step for every process)."""
+
+  def __init__(self):
+    from jax._src import distributed  # pylint: disable=import-outside-toplevel
+    self._multi = distributed.global_state.client is not None
+    self.requested, self._old = False, None
+    if not self._multi and threading.current_thread() is threading.main_thread():
+      self._old = signal.signal(signal.SIGTERM, self._on_signal)
+
+  def _on_signal(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def due(self, step: int) -> bool:
+    if self._multi:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
+  def close(self):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
 def _init_state(trainer, config, tx, batch_spec, shard, ckpt, writer):
   """Resume from the workdir, or init (and maybe load model_init). Returns state+step."""
   rng = jax.random.PRNGKey(config.seed)
@@ -193,6 +253,11 @@ def _init_state(trainer, config, tx, batch_spec, shard, ckpt, writer):
   latest = ckpt.latest_step()
   if latest is not None:
     params, opt_state, meta = ckpt.restore(latest, params_shape, opt_shape, p_sh, o_sh)
+    if "seed" in meta and int(meta["seed"]) != int(config.seed):
+      raise ValueError(f"{ckpt.directory}/{latest} was trained with seed {meta['seed']}, "
+                       f"config.seed is {config.seed}: data order, patch sizes and RNG would "
+                       "change mid-run; resume with the same seed or use a new workdir")
+    writer.drop_after(int(meta["step"]))  # The steps after it are run (and logged) again.
     writer.info(f"resumed from {ckpt.directory} at step {latest}")
     return params, opt_state, int(meta["step"]), p_sh, o_sh
   params = jax.jit(lambda r: trainer.init_params(r, batch_spec), out_shardings=p_sh)(rng)
@@ -276,7 +341,8 @@ def _prepare(config, trainer, data, dur, sampler, mesh, batch_axes, shard, ckpt,
     writer.info(f"all {len(compile_secs)} programs ready in "
                 f"{time.perf_counter() - t0:.1f}s ({len(loaded)} loaded, "
                 f"{len(compile_secs) - len(loaded)} compiled in parallel)")
-  writer.write(start, {f"compile_sec/{names[v]}": s for v, s in compile_secs.items()})
+  if compile_secs:
+    writer.write(start, {f"compile_sec/{names[v]}": s for v, s in compile_secs.items()})
   return dict(first=first, local_iter=local_iter, batch_spec=batch_spec, params=params,
               opt_state=opt_state, start=start, consts=consts, compiled=compiled,
               compile_secs=compile_secs)
@@ -297,38 +363,46 @@ def _loop(config, workdir, trainer, data, dur, sampler, mesh, batch_axes, ckpt, 
   image_hw = batch_spec["image"].shape[1:3] if "image" in batch_spec else None
   batches = data_source.global_iter(itertools.chain([first], local_iter), mesh, batch_axes)
   last_metrics, eval_metrics = {}, {}
-  for step in range(start, total):
-    value = sampler.sample(step)
-    params, opt_state, metrics = compiled[value](params, opt_state, consts, next(batches),
-                                                 np.int32(step))
-    guard.add(step, metrics)
-    done = step + 1
-    if config.debug.check_finite_every and done % config.debug.check_finite_every == 0:
-      guard.check()
-    if _due(done, dur["log"], total):
-      guard.check()
-      last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      last_metrics[f"train/{sampler.kind}"] = value
-      if image_hw is not None:
-        last_metrics["train/patch_size"] = patch_sampler.patch_size_of(sampler.kind, value,
-                                                                       image_hw)
-      last_metrics.update(progress.tick(done))
-      writer.write(done, last_metrics)
-      writer.info(logging_utils.progress_line(done, total, last_metrics))
-    if _due(done, dur["ckpt"], total):
-      guard.check()
-      ckpt.save(done, params, opt_state, {"step": done, "seed": int(config.seed)})
-    variables = None
-    for ev in evals:
-      if ev.due(done, total):
-        variables = variables or {"params": params, **(consts or {})}
-        t0 = time.perf_counter()
-        results = dict(ev.run(variables))
-        results[f"{ev.name}/eval_sec"] = time.perf_counter() - t0
-        writer.write(done, results)
-        eval_metrics.update(results)
-    if variables is not None or _due(done, dur["ckpt"], total):
-      progress.reset(done)
+  # A crash between the checkpoint at `start` and the end of that step's evals lost
+  # them: run them now.
+  _run_evals(_unfinished_evals(evals, start, total, writer), start, params, consts, writer,
+             eval_metrics)
+  preemption = _Preemption()
+  try:
+    for step in range(start, total):
+      value = sampler.sample(step)
+      params, opt_state, metrics = compiled[value](params, opt_state, consts, next(batches),
+                                                   np.int32(step))
+      guard.add(step, metrics)
+      done = step + 1
+      if config.debug.check_finite_every and done % config.debug.check_finite_every == 0:
+        guard.check()
+      if _due(done, dur["log"], total):
+        guard.check()
+        last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        last_metrics[f"train/{sampler.kind}"] = value
+        if image_hw is not None:
+          last_metrics["train/patch_size"] = patch_sampler.patch_size_of(sampler.kind, value,
+                                                                         image_hw)
+        last_metrics.update(progress.tick(done))
+        writer.write(done, last_metrics)
+        writer.info(logging_utils.progress_line(done, total, last_metrics))
+      stop = preemption.due(done)  # (Once per step: a sync point on multi-process runs.)
+      if _due(done, dur["ckpt"], total) or stop:
+        guard.check()
+        ckpt.save(done, params, opt_state, {"step": done, "seed": int(config.seed)},
+                  force=stop)
+      if stop:
+        ckpt.wait()
+        writer.info(f"stopping after step {done} (SIGTERM): checkpoint saved, the same "
+                    "command resumes from it")
+        raise SystemExit(143)
+      ran = _run_evals([ev for ev in evals if ev.due(done, total)], done, params, consts,
+                       writer, eval_metrics)
+      if ran or _due(done, dur["ckpt"], total):
+        progress.reset(done)
+  finally:
+    preemption.close()
   guard.check()
   ckpt.wait()
   return TrainResult(params, opt_state, max(total, start), last_metrics, eval_metrics,

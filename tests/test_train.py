@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+import evaluators as evaluators_lib
 from flexi import ckpt_manager, data_source, sharding, steps, train_loop, tree_utils
 from trainers import train
 from tests import tiny_setup
@@ -93,10 +94,12 @@ def test_kill_and_resume_bit_identical(tmp_path, cache_dir, full_run):
   with pytest.raises(_Killed):
     _run(tmp_path, cache_dir, data=_killed_at(5, tiny_setup.data()))
   assert ckpt_manager.CheckpointManager(tmp_path).latest_step() == 3
+  assert _train_steps(tmp_path)[-1] > 3  # Steps after the checkpoint were logged ...
   resumed = _run(tmp_path, cache_dir)
   assert resumed.step == 6
   _assert_trees_equal(full.params, resumed.params)
   _assert_trees_equal(full.opt_state, resumed.opt_state)
+  assert _train_steps(tmp_path) == [1, 2, 3, 4, 5, 6]  # ... and are not logged twice.
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, cache_dir):
@@ -284,3 +287,70 @@ def test_frozen_params_get_no_gradient_buffer():
   np.testing.assert_allclose(params["w"], w0["w"] - 0.1 * grad_w, rtol=1e-6)
   np.testing.assert_array_equal(params["b"], w0["b"])
   np.testing.assert_allclose(metrics["train/grad_norm"], jnp.linalg.norm(grad_w), rtol=1e-6)
+
+
+def _sigterm_at(k, source):
+  """A data source that sends this process SIGTERM when asked for batch `k`."""
+  import signal  # pylint: disable=import-outside-toplevel
+
+  def make_iter(start):
+    for i, batch in enumerate(source.make_iter(start), start):
+      if i == k:
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield batch
+  return data_source.DataSource(make_iter, source.num_examples)
+
+
+def _train_steps(workdir):
+  rows = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
+  return [r["step"] for r in rows if "train/loss" in r]
+
+
+def test_sigterm_saves_a_checkpoint_and_resumes_bit_identical(tmp_path, cache_dir, full_run):
+  """Preemption: SIGTERM ends the run after the step in flight with a checkpoint at that
+  step (not the last periodic one, 3); the resumed run logs each step once."""
+  _, full = full_run
+  with pytest.raises(SystemExit) as e:
+    _run(tmp_path, cache_dir, data=_sigterm_at(4, tiny_setup.data()))
+  assert e.value.code == 143
+  saved = ckpt_manager.CheckpointManager(tmp_path).latest_step()
+  assert saved in (4, 5)  # The step in flight when the signal came (batches run ahead).
+  resumed = _run(tmp_path, cache_dir)
+  _assert_trees_equal(full.params, resumed.params)
+  assert _train_steps(tmp_path) == [1, 2, 3, 4, 5, 6]
+
+
+def test_evals_cut_off_by_a_crash_run_on_resume(tmp_path, cache_dir, monkeypatch):
+  """The checkpoint at a step is written before that step's evals: if the run dies in
+  between, the resumed run runs them at that step (once), before training on."""
+  calls = []
+
+  class Counter:  # A minimal evaluator: counts its runs.
+    def __init__(self, predict_fns, ctx, *, scale=1.0):
+      del predict_fns, ctx
+      self.scale = scale
+
+    def run(self, variables):
+      calls.append(1)
+      yield "n", self.scale * len(calls)
+  monkeypatch.setitem(evaluators_lib.REGISTRY, "test_counter", Counter)
+  evals = {"count": {"type": "test_counter", "log_steps": 3}}
+  real = train_loop._run_evals  # pylint: disable=protected-access
+
+  def dies_at_3(evs, step, *args):
+    if evs and step == 3:
+      raise RuntimeError("killed in the step-3 eval")
+    return real(evs, step, *args)
+  monkeypatch.setattr(train_loop, "_run_evals", dies_at_3)
+  with pytest.raises(RuntimeError, match="step-3 eval"):
+    _run(tmp_path, cache_dir, evals=evals)
+  monkeypatch.setattr(train_loop, "_run_evals", real)
+  _run(tmp_path, cache_dir, evals=evals)
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert [r["step"] for r in rows if "count/n" in r] == [3, 6]
+  assert _train_steps(tmp_path) == [1, 2, 3, 4, 5, 6]
+  with pytest.raises(ValueError, match=r"config.evals.count \(test_counter\): unknown option"
+                                       r"\(s\) \['scal'\] \(did you mean 'scale'\?\)"):
+    _run(tmp_path / "typo", cache_dir, evals={"count": {"type": "test_counter", "scal": 2}})
+  with pytest.raises(ValueError, match=r"ckpt/6 was trained with seed 3, config.seed is 4"):
+    _run(tmp_path, cache_dir, seed=4, total_steps=9)
