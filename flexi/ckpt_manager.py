@@ -45,7 +45,8 @@ class CheckpointManager:
     """Restores onto the given shapes/shardings (abstract or concrete trees)."""
     where = f"checkpoint {os.path.join(self.directory, str(step))}"
     stored = _read(where, lambda: self._mngr.item_metadata(step), _RESUME_HINT)
-    _check_shapes(where, stored["params"], params_like)  # (opt_state's follow the params.)
+    _check_shapes(where, stored["params"], params_like)
+    _check_opt_state(where, stored, opt_like)
     out = _read(where, lambda: self._mngr.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(_abstract(params_like, param_shardings)),
         opt_state=ocp.args.StandardRestore(_abstract(opt_like, opt_shardings)),
@@ -98,9 +99,27 @@ def _read(where, fn, hint=""):
   except Exception as e:  # pylint: disable=broad-except
     detail = (str(e).strip().splitlines() or [""])[0].split(" See full")[0][:200]
     raise ValueError(f"{where} is unreadable ({type(e).__name__}: {detail}){hint}") from None
-  if out is None or out["params"] is None:
+  try:
+    params = None if out is None else out["params"]
+  except KeyError:  # (orbax's Composite: an item missing on disk.)
+    params = None
+  if params is None:
     raise ValueError(f"{where} has no params{hint}")
   return out
+
+
+def _check_opt_state(where, stored, opt_like):
+  """One line when the stored optimizer state is laid out for another optimizer (orbax
+  would call the checkpoint unreadable, and every earlier one too)."""
+  try:
+    have = stored["opt_state"]
+  except KeyError:
+    raise ValueError(f"{where} has no optimizer state{_RESUME_HINT}") from None
+  shapes = lambda tree: sorted(tuple(x.shape) for x in jax.tree.leaves(tree))  # noqa: E731
+  if have is not None and shapes(have) != shapes(opt_like):
+    raise ValueError(f"{where}: its optimizer state ({len(jax.tree.leaves(have))} arrays) is "
+                     f"not this config's ({len(jax.tree.leaves(opt_like))}): optax_name, "
+                     "optax or frozen differ from the run that wrote it")
 
 
 def _check_shapes(where, stored, wanted):

@@ -168,6 +168,9 @@ class ExecutableCache:
   def _path(self, key):
     return os.path.join(self.directory, f"{key}.exe")
 
+  def contains(self, key) -> bool:
+    return os.path.exists(self._path(key))
+
   def get(self, key) -> Optional[jax.stages.Compiled]:
     path = self._path(key)
     if not os.path.exists(path):
@@ -179,8 +182,10 @@ class ExecutableCache:
         payload, in_tree, out_tree = pickle.load(f)
       out = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
     except Exception as e:  # pylint: disable=broad-except
-      # Truncated, from another jaxlib build, ...: the caller compiles instead.
-      logging.warning("executable cache: ignoring unreadable %s (%s)", path, e)
+      # Truncated, ...: the caller compiles instead, and a later run stores it anew.
+      logging.warning("executable cache: removing unreadable %s (%s)", path, e)
+      with contextlib.suppress(OSError):
+        os.remove(path)
       return None
     _PROCESS_LOADED_EXECUTABLES.set()
     with contextlib.suppress(OSError):
@@ -225,17 +230,21 @@ class ExecutableCache:
     self.evict(keep=self._path(key))
     return True
 
-  def evict(self, keep: Optional[str] = None):
-    """Deletes least recently used executables until the total fits `max_bytes`."""
-    if self.max_bytes is None:
-      return
+  def evict(self, keep: Optional[str] = None, stale_tmp_seconds: float = 3600):
+    """Deletes least recently used executables until the total fits `max_bytes`, and
+    temp files a crashed `put` left (older than `stale_tmp_seconds`: another process
+    may be writing a younger one)."""
     files = []
     for name in os.listdir(self.directory):
-      if name.endswith(".exe"):
-        path = os.path.join(self.directory, name)
-        with contextlib.suppress(OSError):  # Another process may delete it meanwhile.
-          st = os.stat(path)
+      path = os.path.join(self.directory, name)
+      with contextlib.suppress(OSError):  # Another process may delete it meanwhile.
+        st = os.stat(path)
+        if name.endswith(".tmp") and time.time() - st.st_mtime > stale_tmp_seconds:
+          os.remove(path)
+        elif name.endswith(".exe"):
           files.append((st.st_mtime, st.st_size, path))
+    if self.max_bytes is None:
+      return
     total = sum(size for _, size, _ in files)
     for _, size, path in sorted(files):
       if total <= self.max_bytes:

@@ -122,7 +122,9 @@ def compile_or_load(values, lower, *, cache=None, key=None, compiler_options=Non
   """
   compiled, secs = {}, {}
   keys = {v: key(v) for v in values} if cache is not None else {}
-  if keys:
+  # All or nothing: a process that loaded executables cannot store new ones
+  # (exec_cache), so a partial hit would recompile the missing ones on every start.
+  if keys and all(cache.contains(k) for k in keys.values()):
     hits = cache.get_many(keys.values())
     for v, k in keys.items():
       if hits[k][0] is not None:

@@ -95,6 +95,22 @@ def test_corrupt_executable_is_recompiled(tmp_path, first_run):
   for name in files:
     (src / "executables" / name).write_bytes(b"not an executable")
   _assert_params_equal(first, _run(tmp_path / "w", str(src)))
+  assert not _exe_files(str(src))  # Removed, so that a later run stores them anew.
+
+
+def test_a_partial_cache_is_refilled(tmp_path, first_run):
+  """One executable missing (a crash while storing): the next run compiles all and
+  stores all (loading the others would forbid storing), and a crashed write's old temp
+  file is removed."""
+  cache_dir, first, files = first_run
+  partial = tmp_path / "cache"
+  shutil.copytree(cache_dir, partial)
+  os.remove(partial / "executables" / files[0])
+  orphan = partial / "executables" / "tmpcrashed.tmp"
+  orphan.write_bytes(b"half")
+  os.utime(orphan, (1e9, 1e9))
+  _run_in_fresh_process(tmp_path / "w", str(partial), tmp_path / "p.npz")
+  assert _exe_files(str(partial)) == files and not orphan.exists()
 
 
 def test_stored_after_a_warm_persistent_cache_run_correctly(tmp_path, first_run):

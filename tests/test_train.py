@@ -216,12 +216,18 @@ def test_resume_errors_name_the_checkpoint_and_param(tmp_path, cache_dir, full_r
                      r"model wants \(96,\)") as e:
     _run(copy, cache_dir, total_steps=8, **{"model.mlp_dim": 96})
   assert latest == 6 and "\n" not in str(e.value)
+  with pytest.raises(ValueError, match=r"ckpt/6: its optimizer state \(\d+ arrays\) is not "
+                                       r"this config's \(\d+\): optax_name"):
+    _run(copy, cache_dir, total_steps=8, optax_name="sgd", grad_clip_norm=None)
   for f in (copy / "ckpt" / "6" / "params").rglob("*"):
     if f.is_file() and f.parent.name == "d":
       f.write_bytes(f.read_bytes()[:10])  # Truncated array data.
   with pytest.raises(ValueError, match=r"ckpt/6 is unreadable \(.*\); move it away") as e:
     _run(copy, cache_dir, total_steps=8)
   assert "\n" not in str(e.value)
+  shutil.rmtree(copy / "ckpt" / "6" / "params")
+  with pytest.raises(ValueError, match=r"ckpt/6 has no params; move it away"):
+    _run(copy, cache_dir, total_steps=8)
 
 
 def test_two_program_step_equals_one_fused_step():
