@@ -30,7 +30,14 @@ from flexi import config as config_lib
 
 def trainer_module(name):
   """"train" / "distill" / "lit" / a dotted module with make_trainer(config)."""
-  module = importlib.import_module(name if "." in name else f"trainers.{name}")
+  full = name if "." in name else f"trainers.{name}"
+  try:
+    module = importlib.import_module(full)
+  except ModuleNotFoundError as e:
+    if e.name is None or not full.startswith(e.name):  # A missing import inside it.
+      raise
+    raise ValueError(f"no trainer module {full!r}; use train, distill, lit or a dotted "
+                     "module with make_trainer(config)") from None
   if not hasattr(module, "make_trainer"):
     raise ValueError(f"trainer module {module.__name__} has no make_trainer(config)")
   return module
@@ -69,8 +76,13 @@ def load_params(config, trainer, mesh, *, workdir=None, checkpoint_path=None, st
     if not os.path.isdir(os.path.join(workdir, "ckpt")):
       raise FileNotFoundError(f"no checkpoint folder {os.path.join(workdir, 'ckpt')}; "
                               "pass --checkpoint or train first")
-    return ckpt_manager.restore_params_from_workdir(workdir, step), \
-        f"{workdir} step {step if step is not None else 'latest'}"
+    params = ckpt_manager.restore_params_from_workdir(workdir, step)
+    where = f"{workdir} step {step if step is not None else 'latest'}"
+    # Its own run's params, as saved; a config that builds another model is one line.
+    init = jax.eval_shape(trainer.init_params, jax.random.PRNGKey(0),
+                          batch_spec(config, mesh, image_size))
+    ckpt_manager.check_shapes(f"checkpoint {where}", params, init)
+    return params, where
   spec = batch_spec(config, mesh, image_size)
   init = jax.eval_shape(trainer.init_params, jax.random.PRNGKey(0), spec)
   init = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), init)

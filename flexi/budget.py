@@ -22,11 +22,11 @@ def load_rows(path):
   """Rows of a sweep JSON (a dict with "rows", or a bare list)."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"sweep JSON not found: {path}")
-  with open(path) as f:
-    try:
+  try:
+    with open(path) as f:
       data = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path} is not valid JSON ({e})") from None
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path} is not a readable JSON file ({type(e).__name__}: {e})") from None
   rows = data.get("rows") if isinstance(data, dict) else data
   if not isinstance(rows, list) or not rows:
     raise ValueError(f"{path} has no sweep rows (expected {{'rows': [...]}})")
@@ -39,6 +39,10 @@ def with_timing(rows, timing_rows, batch_size=None):
   The sweep's own images/s is measured inside an eval pass; the timing evaluator's
   median latency is the better number for a latency budget.
   """
+  for t in timing_rows:
+    if not isinstance(t, dict) or not {"batch_size", "patch_size", "ms_per_img"} <= set(t):
+      raise ValueError("--timing needs the timing evaluator's JSON (rows with batch_size, "
+                       "patch_size, ms_per_img), not a sweep JSON")
   sizes = sorted({int(t["batch_size"]) for t in timing_rows})
   batch_size = int(batch_size) if batch_size else sizes[-1]
   if batch_size not in sizes:

@@ -157,6 +157,8 @@ def save_params(params, path):
   Scanned encoders (`vit.Model(scan=True)`) are written with big_vision's per-layer
   names, so every file this code writes loads in big_vision and vice versa.
   """
+  if os.path.isdir(path):
+    raise IsADirectoryError(f"{path} is a directory; give the .npz file to write")
   flat = {k: np.asarray(v) for k, v in flatten(vit.scan_to_layers(params)).items()}
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)

@@ -45,7 +45,7 @@ class CheckpointManager:
     """Restores onto the given shapes/shardings (abstract or concrete trees)."""
     where = f"checkpoint {os.path.join(self.directory, str(step))}"
     stored = _read(where, lambda: self._mngr.item_metadata(step), _RESUME_HINT)
-    _check_shapes(where, stored["params"], params_like)
+    check_shapes(where, stored["params"], params_like)
     _check_opt_state(where, stored, opt_like)
     out = _read(where, lambda: self._mngr.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(_abstract(params_like, param_shardings)),
@@ -122,7 +122,7 @@ def _check_opt_state(where, stored, opt_like):
                      "optax or frozen differ from the run that wrote it")
 
 
-def _check_shapes(where, stored, wanted):
+def check_shapes(where, stored, wanted):
   """One line naming the first param whose stored shape differs from the model's."""
   stored = dict(tree_utils.named_leaves(stored))
   for name, want in tree_utils.named_leaves(wanted):

@@ -228,7 +228,13 @@ def test_budget_cli(tmp_path, capsys):
   assert "no batch size 2" in capsys.readouterr().err
   (tmp_path / "bad.json").write_text("{")
   assert budget.main([str(tmp_path / "bad.json"), "--ms", "1"]) == 2
-  assert "not valid JSON" in capsys.readouterr().err
+  assert "bad.json is not a readable JSON file (JSONDecodeError" in capsys.readouterr().err
+  for bad in (tmp_path, tmp_path / "img.png"):  # A folder; binary bytes.
+    (tmp_path / "img.png").write_bytes(b"\x89PNG\r\n")
+    assert budget.main([str(bad), "--ms", "1"]) == 2
+    assert f"{bad} is not a readable JSON file" in capsys.readouterr().err
+  assert budget.main([str(path), "--ms", "1.0", "--timing", str(path)]) == 2
+  assert "--timing needs the timing evaluator's JSON" in capsys.readouterr().err
 
 
 # --- Eval-only CLI on a tiny demo workdir ---------------------------------------
@@ -290,3 +296,10 @@ def test_eval_only_cli_errors(demo_workdir, tmp_path, capsys):
   assert "no checkpoint folder" in capsys.readouterr().err
   assert run.main(DEMO + cache + ["--checkpoint", str(tmp_path / "x.npz")]) == 2
   assert "checkpoint not found" in capsys.readouterr().err
+  assert run.main(DEMO + cache + ["--workdir", workdir, "--trainer", "bogus"]) == 2
+  assert "no trainer module 'trainers.bogus'; use train, distill, lit" in capsys.readouterr().err
+  wide = [DEMO[0], DEMO[1].replace("width=32", "width=64")] + DEMO[2:]
+  assert run.main(wide + cache + ["--workdir", workdir]) == 2
+  err = capsys.readouterr().err
+  assert "param Transformer/encoder_norm/bias has shape (32,), the model wants (64,)" in err
+  assert err.count("\n") == 1

@@ -85,6 +85,34 @@ def test_fixed_export_cli_and_errors(flexi_model, tmp_path, capsys):
   assert "--patch must look like" in capsys.readouterr().err
   assert convert.main(["to-npz", str(tmp_path / "nothing.npz"), str(tmp_path / "x.npz")]) == 2
   assert "not found" in capsys.readouterr().err
+  assert convert.main(["to-npz", src + ":cls", str(tmp_path / "x.npz")]) == 2
+  assert "a.npz:cls names a single array, not a parameter tree" in capsys.readouterr().err
+  assert convert.main(["to-npz", src, str(tmp_path)]) == 2  # The output is a folder.
+  assert f"{tmp_path} is a directory; give the .npz file" in capsys.readouterr().err
+  assert convert.main(["timm", src, str(tmp_path / "t.npz")]) == 2
+  assert "the timm command reads .safetensors" in capsys.readouterr().err
+
+
+def test_fixed_export_of_a_sincos_model_same_logits(tmp_path, capsys):
+  """sincos2d: the flexible model resizes its 7x7 table, so the export carries that
+  resized table as a learned posemb (a plain sincos model at the grid would differ)."""
+  model = vit.Model(5, pool_type="tok", patch_size=(32, 32), posemb="sincos2d", **KW)
+  params = jax.tree.map(np.asarray, model.init(jax.random.PRNGKey(1),
+                                               np.zeros((1, 32, 32, 3)))["params"])
+  x = np.random.default_rng(2).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  want = model.apply({"params": params}, x, patch_size=(8, 8))[0]
+  src = str(tmp_path / "s.npz")
+  checkpoint.save_params(params, src)
+  assert convert.main(["fixed", src, str(tmp_path / "f.npz"), "--patch", "8",
+                       "--image_size", "32"]) == 0
+  assert "posemb_size=(4, 4), posemb=learn)" in capsys.readouterr().out
+  plain = vit.Model(5, pool_type="tok", patch_size=(8, 8), posemb_size=(4, 4), **KW)
+  got = plain.apply({"params": checkpoint.load_params(str(tmp_path / "f.npz"))}, x)[0]
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+  at_grid = vit.Model(5, pool_type="tok", patch_size=(32, 32), posemb="sincos2d",
+                      posemb_size=(4, 4), **KW)  # sincos computed at the 4x4 grid.
+  naive = at_grid.apply({"params": params}, x, patch_size=(8, 8))[0]
+  assert np.abs(np.asarray(naive) - np.asarray(want)).max() > 1e-3  # Why the table is kept.
 
 
 # --- timm import ------------------------------------------------------------------

@@ -21,7 +21,7 @@ import sys
 import jax
 import numpy as np
 
-from flexi import checkpoint, ckpt_manager, resize
+from flexi import checkpoint, ckpt_manager, resize, vit
 from flexi.tools import timm
 
 
@@ -50,7 +50,10 @@ def load_any(src, step=None, num_heads=None):
       return timm.timm_to_params(sd, num_heads)
     except KeyError as e:
       raise ValueError(f"{src}: timm state_dict lacks {e}") from None
-  return jax.tree.map(np.asarray, checkpoint.load_params(src))
+  loaded = checkpoint.load_params(src)
+  if not isinstance(loaded, dict):
+    raise ValueError(f"{src} names a single array, not a parameter tree")
+  return jax.tree.map(np.asarray, loaded)
 
 
 def _opt_state_for(params, config_path):
@@ -85,7 +88,13 @@ def npz_to_workdir(params, workdir, step=0, config_path=None):
 
 
 def export_fixed(params, patch_hw, image_hw, posemb_hw=None):
-  """Params of a plain ViT at one patch size: PI-resized kernel, posemb at its grid."""
+  """Params of a plain ViT at one patch size: PI-resized kernel, posemb at its grid.
+
+  A model without a learned `pos_embedding` is a sincos2d one: the flexible model
+  resizes its posemb_size table (default 7x7) to the grid, which a plain sincos model
+  at the grid does not reproduce, so that resized table is written as a learned
+  `pos_embedding` (load the export with posemb="learn").
+  """
   patch_hw, image_hw = tuple(patch_hw), tuple(image_hw)
   if image_hw[0] % patch_hw[0] or image_hw[1] % patch_hw[1]:
     raise ValueError(f"patch size {patch_hw} does not tile image size {image_hw}")
@@ -96,7 +105,10 @@ def export_fixed(params, patch_hw, image_hw, posemb_hw=None):
                           kernel=np.asarray(resize.pi_resize_patchemb(kernel, patch_hw)))
   if "pos_embedding" in params:
     pe = np.asarray(params["pos_embedding"], np.float32)
-    out["pos_embedding"] = np.asarray(resize.resample_posemb(pe, grid, posemb_hw))
+  else:
+    posemb_hw = tuple(posemb_hw or (7, 7))
+    pe = np.asarray(vit.posemb_sincos_2d(*posemb_hw, kernel.shape[-1]))
+  out["pos_embedding"] = np.asarray(resize.resample_posemb(pe, grid, posemb_hw))
   return out, grid
 
 
@@ -138,18 +150,21 @@ def _parser():
 def main(argv=None):
   args = _parser().parse_args(argv)
   try:
+    if args.cmd == "timm" and not args.src.endswith((".safetensors", ".pth", ".pt", ".bin")):
+      raise ValueError(f"{args.src}: the timm command reads .safetensors/.pth/.pt/.bin files")
     params = load_any(args.src, getattr(args, "step", None), args.num_heads)
     if args.cmd == "to-workdir":
       where = npz_to_workdir(params, args.workdir, args.step, args.config)
     elif args.cmd == "fixed":
       posemb_hw = _hw(args.posemb_size, "--posemb_size") if args.posemb_size else None
+      sincos = "pos_embedding" not in params
       params, grid = export_fixed(params, _hw(args.patch, "--patch"),
                                   _hw(args.image_size, "--image_size"), posemb_hw)
       where = save_npz(params, args.out) + f" (load with patch_size={_hw(args.patch, '')}, " \
-          f"posemb_size={grid})"
+          f"posemb_size={grid}{', posemb=learn' if sincos else ''})"
     else:
       where = save_npz(params, args.out)
-  except (ValueError, FileNotFoundError, FileExistsError, KeyError, ImportError) as e:
+  except (ValueError, OSError, KeyError, ImportError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(f"wrote {where}")
