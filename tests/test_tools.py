@@ -98,7 +98,7 @@ def test_fixed_export_of_a_sincos_model_same_logits(tmp_path, capsys):
   resized table as a learned posemb (a plain sincos model at the grid would differ)."""
   model = vit.Model(5, pool_type="tok", patch_size=(32, 32), posemb="sincos2d", **KW)
   params = jax.tree.map(np.asarray, model.init(jax.random.PRNGKey(1),
-                                               np.zeros((1, 32, 32, 3)))["params"])
+                                               np.zeros((1, 32, 32, 3), np.float32))["params"])
   x = np.random.default_rng(2).normal(size=(2, 32, 32, 3)).astype(np.float32)
   want = model.apply({"params": params}, x, patch_size=(8, 8))[0]
   src = str(tmp_path / "s.npz")
