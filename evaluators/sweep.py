@@ -13,6 +13,11 @@ growth per example between batch n and 2n, so the once-per-call kernel PI-resize
 reported apart as "gflops_per_call") and
 measured images/s. Padded rows (`_mask` == 0) are never counted. Writes
 WORKDIR/<out_name>.json and .png and prints a table.
+
+`ensembles=[[48, 24], [30, 20, 15]]` also scores the same model run at several patch
+sizes with its predictions averaged (softmax probabilities; sigmoid ones for sigmoid
+losses), at the members' summed GFLOPs: the paper's ensembling analysis (one model at
+a compute budget beats an ensemble of smaller runs at the same total compute).
 """
 import json
 import os
@@ -101,6 +106,34 @@ def pred_names(patch_sizes=None, seqhws=None, preds=None, predict_fns=None):
   return names
 
 
+def ensemble_members(ensembles, names):
+  """{"ensemble=48+24": [member predict-fn names]}; members must be swept sizes."""
+  out = {}
+  for members in ensembles or ():
+    members = [int(m) for m in members]
+    if len(members) < 2:
+      raise ValueError(f"sweep ensembles: {members} has fewer than 2 patch sizes")
+    kind = _kind_value(names[0])[0]
+    chosen = [f"predict_{kind}={m}" for m in members]
+    missing = [m for m, n in zip(members, chosen) if n not in names]
+    if missing:
+      raise ValueError(f"sweep ensembles: {missing} not among the swept {kind}s "
+                       f"{[_kind_value(n)[1] for n in names]}")
+    out["ensemble=" + "+".join(map(str, members))] = chosen
+  return out
+
+
+def _ensemble_logits(logits, sigmoid):
+  """Logits of the averaged predictions (one member: its logits)."""
+  if len(logits) == 1:
+    return logits[0]
+  stacked = jnp.stack(logits)
+  if sigmoid:
+    p = jnp.clip(jnp.mean(jax.nn.sigmoid(stacked), axis=0), 1e-7, 1 - 1e-7)
+    return jnp.log(p) - jnp.log1p(-p)
+  return jax.nn.logsumexp(jax.nn.log_softmax(stacked), axis=0) - jnp.log(len(logits))
+
+
 def _hits(logits, labels):
   top1 = jnp.argmax(logits, axis=-1)
   return jnp.take_along_axis(labels, top1[:, None], axis=-1)[:, 0] > 0
@@ -113,8 +146,10 @@ class Evaluator:
   def __init__(self, predict_fns, ctx, *, data=None, pp_fn=None, patch_sizes=None,
                seqhws=None, preds=None, batch_size=None, loss_name="softmax_xent",
                label_key="labels", real_key=None, outputs_key="logits", out_name="sweep",
-               plot=True, verbose=True, flops_batch=None, batches=None, timing_reps=3):
+               plot=True, verbose=True, flops_batch=None, batches=None, timing_reps=3,
+               ensembles=None):
     self.names = pred_names(patch_sizes, seqhws, preds, predict_fns)
+    self.ensembles = ensemble_members(ensembles, self.names)
     if batches is None and (data is None or pp_fn is None):
       raise ValueError("sweep evaluator needs `data` and `pp_fn`")
     self.data, self.pp_fn, self.ctx = data, pp_fn, ctx
@@ -127,7 +162,10 @@ class Evaluator:
     self.timing_reps = max(int(timing_reps), 1)
     self.predict_fns = {n: predict_fns[n] for n in self.names}
     self.loss_fn = losses.get(loss_name)
-    self.steps = {n: self._make_step(fn) for n, fn in self.predict_fns.items()}
+    self.sigmoid = loss_name.startswith("sigmoid")
+    self.steps = {n: self._make_step([fn]) for n, fn in self.predict_fns.items()}
+    self.steps.update({e: self._make_step([self.predict_fns[m] for m in members])
+                       for e, members in self.ensembles.items()})
     self.compiled, self.gflops = {}, {}
 
   @classmethod
@@ -135,13 +173,17 @@ class Evaluator:
     for key in ("data", "pp_fn"):
       if key not in kwargs:
         raise ValueError(f"config.evals.{name} (sweep) needs {key!r}")
-    pred_names(kwargs.get("patch_sizes"), kwargs.get("seqhws"), kwargs.get("preds"),
-               predict_fns)
+    names = pred_names(kwargs.get("patch_sizes"), kwargs.get("seqhws"), kwargs.get("preds"),
+                       predict_fns)
+    ensemble_members(kwargs.get("ensembles"), names)
 
-  def _make_step(self, fn):
-    """Jitted: (variables, batch) -> [hits, loss, count, real_hits, real_count, max set]."""
+  def _make_step(self, fns):
+    """Jitted: (variables, batch) -> [hits, loss, count, real_hits, real_count, max set],
+    of one predict fn or of the ensemble of several."""
     def step(variables, batch):
-      logits = fn(variables, batch)[self.outputs_key].astype(jnp.float32)
+      logits = _ensemble_logits(
+          [fn(variables, batch)[self.outputs_key].astype(jnp.float32) for fn in fns],
+          self.sigmoid)
       labels = batch[self.label_key]
       if labels.ndim == 1:
         labels = jax.nn.one_hot(labels, logits.shape[-1])
@@ -168,14 +210,14 @@ class Evaluator:
     """AOT-compiles every step on the first batch; GFLOPs from the predict fns."""
     for n, step in self.steps.items():
       self.compiled[n] = step.lower(variables, batch).compile()
-      if n not in self.gflops:
+      if n not in self.gflops and n in self.predict_fns:
         per_ex, per_call = per_example_flops(self.predict_fns[n], variables, batch,
                                              self.flops_batch)
         self.gflops[n] = (per_ex / 1e9, per_call / 1e9)
 
   def evaluate(self, variables):
     """The pass itself: {name: dict of metrics} (also the JSON rows)."""
-    sums = {n: np.zeros(6) for n in self.names}
+    sums = {n: np.zeros(6) for n in self.steps}
     image_hw, batch = None, None
     for local in self._local_batches():
       batch = sharding.to_global(local, self.ctx.mesh, self.ctx.batch_axes)
@@ -183,21 +225,21 @@ class Evaluator:
         self._compile(variables, batch)
       if image_hw is None and "image" in batch:
         image_hw = tuple(batch["image"].shape[1:3])
-      for n in self.names:
+      for n in self.steps:
         out = np.asarray(jax.device_get(self.compiled[n](variables, batch)), np.float64)
         sums[n][:5] += out[:5]
         sums[n][5] = max(sums[n][5], out[5])
     secs = self._seconds_per_image(variables, batch) if batch is not None else {}
-    return {n: self._row(n, sums[n], secs.get(n, np.nan), image_hw) for n in self.names}
+    return {n: self._row(n, sums[n], secs.get(n, np.nan), image_hw) for n in self.steps}
 
   def _seconds_per_image(self, variables, batch):
     """Each size's compute time per image: the fastest of `timing_reps` rounds over the
     sizes on one batch already in memory. Timed inside the pass, a size shared the
     cores with tf.data decoding the next batch, so its img/s depended on its place in
     the list (up to 4x on 2 cores)."""
-    best = {n: np.inf for n in self.names}
+    best = {n: np.inf for n in self.steps}
     for _ in range(self.timing_reps):
-      for n in self.names:
+      for n in self.steps:
         t0 = time.perf_counter()
         jax.device_get(self.compiled[n](variables, batch))
         best[n] = min(best[n], time.perf_counter() - t0)
@@ -205,11 +247,18 @@ class Evaluator:
     return {n: t / size for n, t in best.items()}
 
   def _row(self, name, s, sec_per_img, image_hw):
-    kind, value = _kind_value(name)
     hits, loss, count, real_hits, real_count, max_set = s
+    if name in self.ensembles:
+      members = self.ensembles[name]
+      kind, value = _kind_value(members[0])[0], [_kind_value(m)[1] for m in members]
+      gflops = tuple(sum(self.gflops.get(m, (np.nan, np.nan))[i] for m in members)
+                     for i in (0, 1))
+      image_hw = None  # (No single patch size.)
+    else:
+      kind, value = _kind_value(name)
+      gflops = self.gflops.get(name, (np.nan, np.nan))
     row = {kind: value, "prec@1": hits / max(count, 1), "loss": loss / max(count, 1),
-           "num_examples": int(count), "gflops": self.gflops.get(name, (np.nan,))[0],
-           "gflops_per_call": self.gflops.get(name, (0, np.nan))[1],
+           "num_examples": int(count), "gflops": gflops[0], "gflops_per_call": gflops[1],
            "img_per_sec": 1 / sec_per_img if sec_per_img > 0 else float("nan"),
            "ms_per_img": 1e3 * sec_per_img}
     if self.real_key or max_set > 1:
@@ -225,24 +274,27 @@ class Evaluator:
   def run(self, variables):
     rows = self.evaluate(variables)
     for n, row in rows.items():
-      kind, value = _kind_value(n)
+      prefix = n if n in self.ensembles else "=".join(map(str, _kind_value(n)))
       for metric in ("prec@1", "real@1", "loss", "gflops", "img_per_sec"):
         if metric in row:
-          yield f"{kind}={value}/{metric}", row[metric]
-    self.report(list(rows.values()))
+          yield f"{prefix}/{metric}", row[metric]
+    self.report([rows[n] for n in self.names], [rows[e] for e in self.ensembles])
 
-  def report(self, rows):
-    """Table on the console; JSON and PNG in the workdir (process 0 only)."""
+  def report(self, rows, ensemble_rows=()):
+    """Tables on the console; JSON and PNG in the workdir (process 0 only)."""
     if jax.process_index() != 0:
       return
     if self.verbose:
       print(format_table(rows), flush=True)
+      if ensemble_rows:
+        print(format_ensembles(ensemble_rows), flush=True)
     if self.ctx.workdir:
       os.makedirs(self.ctx.workdir, exist_ok=True)
       base = os.path.join(self.ctx.workdir, self.out_name)
-      write_json(rows, base + ".json", batch_size=self.batch_size)
+      extra = {"ensembles": list(ensemble_rows)} if ensemble_rows else {}
+      write_json(rows, base + ".json", batch_size=self.batch_size, **extra)
       if self.plot:
-        plot_sweep(rows, base + ".png")
+        plot_sweep(rows, base + ".png", ensembles=ensemble_rows)
 
 
 def format_table(rows) -> str:
@@ -259,6 +311,17 @@ def format_table(rows) -> str:
   return "\n".join(lines)
 
 
+def format_ensembles(rows) -> str:
+  """Markdown table of ensemble rows."""
+  lines = ["| ensemble of patch sizes | prec@1 | loss | GFLOPs/img | img/s |",
+           "|---|---|---|---|---|"]
+  for r in rows:
+    members = r.get("patch_size", r.get("seqhw"))
+    lines.append(f"| {'+'.join(map(str, members))} | {r['prec@1']:.4f} | {r['loss']:.4f} | "
+                 f"{r['gflops']:.4g} | {r['img_per_sec']:.1f} |")
+  return "\n".join(lines)
+
+
 def write_json(rows, path, **extra):
   """Atomically writes {"rows": [...], **extra} (the budget picker's input)."""
   tmp = path + ".tmp"
@@ -267,7 +330,7 @@ def write_json(rows, path, **extra):
   os.replace(tmp, path)
 
 
-def plot_sweep(rows, path, title="FlexiViT patch-size sweep"):
+def plot_sweep(rows, path, title="FlexiViT patch-size sweep", ensembles=()):
   """Accuracy vs patch size, and accuracy vs GFLOPs with the Pareto front marked."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
@@ -290,6 +353,9 @@ def plot_sweep(rows, path, title="FlexiViT patch-size sweep"):
   for r in rows:
     ax2.annotate(str(r["patch_size"]), (r["gflops"], 100 * r["prec@1"]),
                  textcoords="offset points", xytext=(4, 4), fontsize=8)
+  if ensembles:
+    ax2.plot([r["gflops"] for r in ensembles], [100 * r["prec@1"] for r in ensembles], "x",
+             color="C0", label="ensembles")
   ax2.set_xscale("log")
   ax2.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
   ax2.set_xticks(gf, [f"{g:.2g}" for g in gf], fontsize=7, rotation=45)

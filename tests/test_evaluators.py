@@ -303,3 +303,28 @@ def test_eval_only_cli_errors(demo_workdir, tmp_path, capsys):
   err = capsys.readouterr().err
   assert "param Transformer/encoder_norm/bias has shape (32,), the model wants (64,)" in err
   assert err.count("\n") == 1
+
+
+def test_sweep_ensembles_average_probabilities(setup, tmp_path):
+  """An ensemble of the model at patch sizes 8 and 16: top-1 and loss of the mean
+  softmax (numpy), GFLOPs the members' sum; in the JSON next to the single sizes."""
+  ctx = evaluators.EvalContext(setup["mesh"], ("data",), 16, str(tmp_path))
+  ev = sweep.Evaluator(setup["fns"], ctx, patch_sizes=SIZES, batch_size=16,
+                       batches=_batches(setup), verbose=False,
+                       ensembles=[[8, 16]], timing_reps=1)
+  metrics = dict(ev.run({"params": setup["params"]}))
+  probs = [np.exp(setup["ref"][p]["logits"] - setup["ref"][p]["logits"].max(-1, keepdims=True))
+           for p in (8, 16)]
+  mean = sum(p / p.sum(-1, keepdims=True) for p in probs) / 2
+  labels = setup["labels"]
+  assert metrics["ensemble=8+16/prec@1"] == pytest.approx(np.mean(mean.argmax(-1) == labels))
+  assert metrics["ensemble=8+16/loss"] == pytest.approx(
+      np.mean(-np.log(mean[np.arange(37), labels])), rel=1e-5)
+  assert metrics["ensemble=8+16/gflops"] == pytest.approx(
+      metrics["patch_size=8/gflops"] + metrics["patch_size=16/gflops"])
+  saved = json.load(open(tmp_path / "sweep.json"))
+  assert [r["patch_size"] for r in saved["ensembles"]] == [[8, 16]]
+  assert len(saved["rows"]) == len(SIZES) and (tmp_path / "sweep.png").exists()
+  with pytest.raises(ValueError, match=r"ensembles: \[12\] not among the swept patch_sizes"):
+    sweep.Evaluator(setup["fns"], ctx, patch_sizes=SIZES, data={}, pp_fn="",
+                    ensembles=[[8, 12]])
