@@ -99,7 +99,7 @@ def labelled_mask(mask, labels):
 
 # Modules whose evaluators are registered on first lookup (add new ones here).
 BUILTIN_MODULES = ["evaluators.classification", "evaluators.sweep", "evaluators.timing",
-                   "evaluators.distance", "evaluators.retrieval"]
+                   "evaluators.distance", "evaluators.retrieval", "evaluators.representations"]
 
 
 def _lookup(name: str):

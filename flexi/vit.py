@@ -256,6 +256,9 @@ class Encoder(nn.Module):
         block_cls = self.share_block_trace(block_cls)
       for i in range(self.depth):
         x = block_cls(name=f"encoderblock_{i}", **kw)(x, deterministic)
+        # Each block's output, collected only when "intermediates" is mutable
+        # (representation analyses: evaluators/representations.py).
+        self.sow("intermediates", "blocks", x)
     return self.block_cls.norm_cls(name="encoder_norm", dtype=self.dtype)(x)
 
 
@@ -366,6 +369,15 @@ class _Model(nn.Module):
       out["logits_2d"] = head(x_2d)
       x = out["logits"] = head(x)
     return x, out
+
+
+def apply_with_blocks(model, variables, image, **kwargs):
+  """`model.apply` that also returns every encoder block's output, as out["blocks"]
+  (a tuple of [n, tokens, width]; empty for scan=True models). Inside a jit, outputs
+  nobody reads cost nothing."""
+  (logits, out), state = model.apply(variables, image, mutable=["intermediates"], **kwargs)
+  blocks = state.get("intermediates", {}).get("Transformer", {}).get("blocks", ())
+  return logits, {**out, "blocks": tuple(blocks)}
 
 
 _FIELDS = {"patch_size", "posemb_size", "width", "depth", "mlp_dim", "num_heads", "posemb",

@@ -328,3 +328,59 @@ def test_sweep_ensembles_average_probabilities(setup, tmp_path):
   with pytest.raises(ValueError, match=r"ensembles: \[12\] not among the swept patch_sizes"):
     sweep.Evaluator(setup["fns"], ctx, patch_sizes=SIZES, data={}, pp_fn="",
                     ensembles=[[8, 12]])
+
+
+def _hsic_u_statistic(k, l):
+  """Song et al.'s unbiased HSIC from its definition, by brute force over index tuples."""
+  import itertools  # pylint: disable=import-outside-toplevel
+  n = len(k)
+  t2 = sum(k[i, j] * l[i, j] for i, j in itertools.permutations(range(n), 2))
+  t4 = sum(k[i, j] * l[q, r] for i, j, q, r in itertools.permutations(range(n), 4))
+  t3 = sum(k[i, j] * l[i, q] for i, j, q in itertools.permutations(range(n), 3))
+  falling = lambda m: np.prod(range(n - m + 1, n + 1))  # noqa: E731
+  return t2 / falling(2) + t4 / falling(4) - 2 * t3 / falling(3)
+
+
+def test_minibatch_cka_matches_its_definition_and_invariances():
+  from evaluators import representations  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  x, y = rng.normal(size=(7, 5)), rng.normal(size=(7, 3))
+  k, l = x @ x.T, y @ y.T
+  assert representations.hsic1(k, l) == pytest.approx(_hsic_u_statistic(k, l), rel=1e-9)
+  q, _ = np.linalg.qr(rng.normal(size=(20, 20)))
+  acc = representations.MinibatchCKA()
+  for _ in range(4):  # Minibatches of 16: same examples in every representation.
+    a = rng.normal(size=(16, 20))
+    acc.add({"a": a @ a.T, "rotated": (2.5 * a @ q) @ (2.5 * a @ q).T,
+             "other": (lambda b: b @ b.T)(rng.normal(size=(16, 20)))})
+  assert acc.cka("a", "a") == pytest.approx(1.0)
+  assert acc.cka("a", "rotated") == pytest.approx(1.0)  # Rotation and scale invariant.
+  assert abs(acc.cka("a", "other")) < 0.1 and acc.cka("other", "a") == acc.cka("a", "other")
+
+
+def test_cka_evaluator_across_patch_sizes(setup, tmp_path):
+  from evaluators import representations  # pylint: disable=import-outside-toplevel
+  model = setup["model"]
+
+  def predict(variables, batch, **flexi):
+    logits, out = vit.apply_with_blocks(model, {"params": variables["params"]},
+                                        batch["image"], **flexi)
+    return {"logits": logits, "pre_logits": out["pre_logits"], "blocks": out["blocks"]}
+  fns = train_loop.PredictFns(predict, "patch_size", SIZES)
+  ctx = evaluators.EvalContext(setup["mesh"], ("data",), 16, str(tmp_path))
+  ev = representations.Evaluator(fns, ctx, patch_sizes=SIZES, batch_size=16,
+                                 batches=_batches(setup), max_examples=32)
+  metrics = dict(ev.run({"params": setup["params"]}))
+  saved = json.load(open(tmp_path / "cka.json"))
+  assert saved["layers"] == ["block_00", "pre_logits"] and saved["num_examples"] == 32
+  for m in saved["cka"].values():
+    np.testing.assert_allclose(np.diag(m), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(m, np.transpose(m), rtol=1e-9)
+    assert np.all(np.asarray(m) <= 1 + 1e-6)
+  assert metrics["patch_size=4/block_00"] == pytest.approx(1.0)  # The reference: finest.
+  assert metrics["patch_size=16/pre_logits"] == saved["cka"]["pre_logits"][0][2]
+  assert (tmp_path / "cka.png").exists()
+  no_blocks = representations.Evaluator(setup["fns"], ctx, patch_sizes=SIZES, batch_size=16,
+                                        batches=_batches(setup))
+  with pytest.raises(ValueError, match="returns no 'blocks'"):
+    dict(no_blocks.run({"params": setup["params"]}))

@@ -203,9 +203,9 @@ def make_trainer(config) -> train_loop.Trainer:
     return total, aux
 
   def predict_fn(variables, batch, **flexi):
-    logits, out = student.apply({"params": variables["params"]}, batch["image"],
-                                train=False, **flexi)
-    return {"logits": logits, "pre_logits": out["pre_logits"]}
+    logits, out = vit.apply_with_blocks(student, {"params": variables["params"]},
+                                        batch["image"], train=False, **flexi)
+    return {"logits": logits, "pre_logits": out["pre_logits"], "blocks": out["blocks"]}
 
   return train_loop.Trainer(init_params=init_params, loss_fn=loss_fn, predict_fn=predict_fn,
                             load_pretrained=load_pretrained, make_consts=make_consts,
