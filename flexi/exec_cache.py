@@ -211,8 +211,9 @@ class ExecutableCache:
       return False
     try:
       blob = pickle.dumps(serialize_executable.serialize(compiled))
-    except (ValueError, NotImplementedError, TypeError, pickle.PicklingError) as e:
-      # E.g. programs with closed-over constants: they still run, just uncached.
+    except Exception as e:  # pylint: disable=broad-except
+      # E.g. closed-over constants, host callbacks (jax.debug.print): they still run,
+      # just uncached.
       logging.warning("executable cache: cannot serialise %s (%s)", key, e)
       return False
     tmp = None

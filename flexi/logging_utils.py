@@ -25,33 +25,49 @@ class MetricWriter:
   def __init__(self, workdir, *, enabled=None, tensorboard=True, stream=None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.stream = stream
-    self._json = self._tb = self._path = None
+    self._json = self._tb = self._path = self._tb_dir = None
     if self.enabled and workdir:
       os.makedirs(workdir, exist_ok=True)
       self._path = os.path.join(workdir, "metrics.jsonl")
       self._json = open(self._path, "a")
       if tensorboard:
-        import input_pipeline  # pylint: disable=import-outside-toplevel,unused-import  # TF off the GPUs.
-        import tensorflow as tf  # pylint: disable=import-outside-toplevel
-        from tensorflow.core.framework import summary_pb2  # pylint: disable=import-outside-toplevel
-        self._tf = tf
-        self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tb"))
-        # TensorBoard's scalar-plugin metadata, so tf.summary.write needs no tensorboard
-        # package (tf.summary.scalar does).
-        self._scalar_meta = summary_pb2.SummaryMetadata(
-            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
-            data_class=summary_pb2.DATA_CLASS_SCALAR).SerializeToString()
+        self._tb_dir = os.path.join(workdir, "tb")
+
+  def _tensorboard(self):
+    """The tf.summary writer, created on the first write (after a resume's marker)."""
+    if self._tb is None and self._tb_dir:
+      import input_pipeline  # pylint: disable=import-outside-toplevel,unused-import  # TF off the GPUs.
+      import tensorflow as tf  # pylint: disable=import-outside-toplevel
+      from tensorflow.core.framework import summary_pb2  # pylint: disable=import-outside-toplevel
+      self._tf = tf
+      self._tb = tf.summary.create_file_writer(self._tb_dir)
+      # TensorBoard's scalar-plugin metadata, so tf.summary.write needs no tensorboard
+      # package (tf.summary.scalar does).
+      self._scalar_meta = summary_pb2.SummaryMetadata(
+          plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
+          data_class=summary_pb2.DATA_CLASS_SCALAR).SerializeToString()
+    return self._tb
 
   def rows(self):
-    """The rows in metrics.jsonl (process 0; [] elsewhere)."""
+    """The rows in metrics.jsonl (process 0; [] elsewhere). A line cut short by a crash
+    mid-write is skipped, and dropped by the next `drop_after`."""
     if not self._path or not os.path.exists(self._path):
       return []
+    rows = []
     with open(self._path) as f:
-      return [json.loads(line) for line in f if line.strip()]
+      for line in f:
+        try:
+          rows.append(json.loads(line))
+        except json.JSONDecodeError:
+          if line.strip():
+            print(f"warning: skipping a damaged line in {self._path}: {line[:60]!r}",
+                  file=sys.stderr)
+    return rows
 
   def drop_after(self, step: int):
-    """Removes the rows of steps after `step` from metrics.jsonl (atomically). TensorBoard
-    drops them itself when the repeated steps arrive (out-of-order steps are purged)."""
+    """Removes the rows of steps after `step` from metrics.jsonl (atomically), and tells
+    TensorBoard to discard its events from step+1 on (a SessionLog START, as a restarted
+    TF job writes), since the resumed run logs those steps again."""
     if not self._json:
       return
     keep = [r for r in self.rows() if r.get("step", 0) <= step]
@@ -59,8 +75,12 @@ class MetricWriter:
     tmp = self._path + ".tmp"
     with open(tmp, "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in keep)
+      f.flush()
+      os.fsync(f.fileno())
     os.replace(tmp, self._path)
     self._json = open(self._path, "a")
+    if self._tb_dir and self._tb is None:
+      _write_tensorboard_restart(self._tb_dir, step + 1)
 
   def write(self, step: int, metrics: dict):
     if not self.enabled:
@@ -69,7 +89,7 @@ class MetricWriter:
     if self._json:
       self._json.write(json.dumps(row) + "\n")
       self._json.flush()
-    if self._tb:
+    if self._tensorboard():
       with self._tb.as_default():
         for k, v in row.items():
           if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -86,6 +106,22 @@ class MetricWriter:
       self._json.close()
     if self._tb:
       self._tb.close()
+
+
+def _write_tensorboard_restart(tb_dir, step):
+  """An event file holding only a SessionLog START at `step`: TensorBoard then purges
+  the events at `step` and later that were read before it. Its name sorts before the
+  file the resumed run writes next (same timestamp: '0' < a pid's first digit)."""
+  import socket  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from tensorflow.core.util import event_pb2  # pylint: disable=import-outside-toplevel
+  os.makedirs(tb_dir, exist_ok=True)
+  now = time.time()
+  path = os.path.join(tb_dir, f"events.out.tfevents.{int(now)}.{socket.gethostname()}.0restart")
+  with tf.io.TFRecordWriter(path) as f:
+    f.write(event_pb2.Event(wall_time=now, file_version="brain.Event:2").SerializeToString())
+    f.write(event_pb2.Event(wall_time=now, step=int(step), session_log=event_pb2.SessionLog(
+        status=event_pb2.SessionLog.START)).SerializeToString())
 
 
 def fmt_eta(seconds: float) -> str:

@@ -183,8 +183,12 @@ def compile_all(build, sampler, params, opt_state, consts, batch_spec, mesh, p_s
     return jit_grad_step(grad_step(sampler.kwargs(value)), mesh, p_sh, consts).lower(
         *args[value])
 
+  # Which params are frozen changes the gradient program's outputs, and may be set by
+  # the trainer in code rather than in the config.
+  grads_tree = str(jax.tree.structure(build.grads_like(a_params)))
+
   def key(value):
-    return exec_cache.step_key(config_json=cache_context, value=value,
+    return exec_cache.step_key(config_json=cache_context, value=(value, grads_tree),
                                abstract_args=args[value], compiler_options=compiler_options)
   compiled, secs, loaded = compile_or_load(list(args), lower, cache=cache, key=key,
                                            compiler_options=compiler_options, workers=workers)

@@ -95,11 +95,22 @@ def test_kill_and_resume_bit_identical(tmp_path, cache_dir, full_run):
     _run(tmp_path, cache_dir, data=_killed_at(5, tiny_setup.data()))
   assert ckpt_manager.CheckpointManager(tmp_path).latest_step() == 3
   assert _train_steps(tmp_path)[-1] > 3  # Steps after the checkpoint were logged ...
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 5, "train/lo')  # ... the last one cut short by the kill.
   resumed = _run(tmp_path, cache_dir)
   assert resumed.step == 6
   _assert_trees_equal(full.params, resumed.params)
   _assert_trees_equal(full.opt_state, resumed.opt_state)
   assert _train_steps(tmp_path) == [1, 2, 3, 4, 5, 6]  # ... and are not logged twice.
+  # TensorBoard: a SessionLog START at step 4 between the two runs' event files makes
+  # it purge the first run's steps 4-5.
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  files = sorted(os.listdir(tmp_path / "tb"))
+  marker = [i for i, f in enumerate(files) if f.endswith(".0restart")]
+  assert len(files) == 3 and marker == [1]
+  starts = [e.step for e in tf.compat.v1.train.summary_iterator(str(tmp_path / "tb" / files[1]))
+            if e.HasField("session_log")]
+  assert starts == [4]
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, cache_dir):
@@ -360,3 +371,28 @@ def test_evals_cut_off_by_a_crash_run_on_resume(tmp_path, cache_dir, monkeypatch
     _run(tmp_path / "typo", cache_dir, evals={"count": {"type": "test_counter", "scal": 2}})
   with pytest.raises(ValueError, match=r"ckpt/6 was trained with seed 3, config.seed is 4"):
     _run(tmp_path, cache_dir, seed=4, total_steps=9)
+
+
+def test_frozen_params_key_their_own_executables(monkeypatch):
+  """Frozen params change the gradient program's outputs (None gradients), and a trainer
+  may set them in code: the executable-cache keys of its programs must differ."""
+  w0 = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}
+  loss_fn = lambda params, batch, **kw: (jnp.sum(batch["x"] @ params["w"] + params["b"]), {})  # noqa: E731
+  mesh = sharding.make_mesh([("data", -1)])
+  rep = sharding.replicated(mesh)
+  spec = {"x": jax.ShapeDtypeStruct((4, 2), jnp.float32, sharding=rep)}
+  sampler = types.SimpleNamespace(values=[1], kwargs=lambda v: {})
+  tx = optax.sgd(0.1)
+  keys = []
+  monkeypatch.setattr("flexi.exec_cache.step_key", lambda **kw: keys.append(kw["value"]) or
+                      str(len(keys)))
+  no_cache = types.SimpleNamespace(contains=lambda k: False, put=lambda k, c: False)
+  for frozen in (None, {"w": False, "b": True}):
+    build = steps.make_train_step(types.SimpleNamespace(loss_fn=loss_fn), tx, lambda s: 0.1,
+                                  seed=0, frozen=frozen)
+    steps.compile_all(build, sampler, w0, tx.init(w0), None, spec, mesh,
+                      jax.tree.map(lambda _: rep, w0),
+                      jax.tree.map(lambda _: rep, tx.init(w0)), cache=no_cache)
+  plain, frozen = keys[:2], keys[2:]
+  assert [v for v, _ in plain] == [v for v, _ in frozen] == [steps.OPTIMIZER_UPDATE, 1]
+  assert not set(plain) & set(frozen)  # Neither the gradient nor the update key is shared.
