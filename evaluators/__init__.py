@@ -89,6 +89,17 @@ def global_eval_batches(data, pp_fn, batch_size, ctx: EvalContext):
     yield sharding.to_global(b, ctx.mesh, ctx.batch_axes)
 
 
+def to_host(x):
+  """A global array as one numpy array on every process (allgathered when the array
+  spans other processes' devices, where device_get refuses)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def labelled_mask(mask, labels):
   """Rows that count: real (not padding) and with at least one label. As big_vision's
   classification evaluator, an example whose label row is all zero (an empty ReaL

@@ -87,7 +87,7 @@ class Evaluator:
     """{"layers": [...], "sizes": [...], "cka": {layer: [[CKA of size i vs j]]}}."""
     acc, seen, layers = MinibatchCKA(), 0, None
     for batch in self._batches():
-      real = np.asarray(jax.device_get(batch["_mask"])) > 0
+      real = evaluators.to_host(batch["_mask"]) > 0
       if real.sum() < 4:  # The unbiased estimator needs n >= 4.
         continue
       grams = {}

@@ -28,13 +28,6 @@ def _suffix(name):
   return name[len("predict_"):] if name.startswith("predict_") else name
 
 
-def _to_host(x):
-  if jax.process_count() == 1:
-    return np.asarray(jax.device_get(x))
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def recall_at_k(sim, txt_to_img, ks=(1, 5, 10), chunk=1024):
   """Retrieval recall from a [n_img, n_txt] similarity matrix.
 
@@ -100,7 +93,7 @@ class _Base:
 
   def _batches(self):
     for b in evaluators.global_eval_batches(self.data, self.pp_fn, self.batch_size, self.ctx):
-      yield _to_host(b["_mask"]).astype(bool), b
+      yield evaluators.to_host(b["_mask"]).astype(bool), b
 
   def _metric(self, name, metric):
     return metric if self.single else f"{_suffix(name)}/{metric}"
@@ -127,7 +120,7 @@ class RetrievalEvaluator(_Base):
     """bool[batch, k]: which captions are real (all, without `text_mask_key`)."""
     if self.text_mask_key not in batch:
       return np.ones(shape, bool)
-    real = _to_host(batch[self.text_mask_key]).astype(bool)
+    real = evaluators.to_host(batch[self.text_mask_key]).astype(bool)
     if real.shape != shape:
       raise ValueError(f"retrieval: {self.text_mask_key!r} has shape {real.shape}, the "
                        f"captions {shape} ([batch, captions per image])")
@@ -141,14 +134,14 @@ class RetrievalEvaluator(_Base):
         raise ValueError(f"retrieval eval batches need {self.text_key!r}; check pp_fn")
       tokens = batch[self.text_key]
       per_image = 1 if tokens.ndim == 2 else tokens.shape[1]
-      t = _to_host(self.embed_txt(variables, tokens)).reshape(len(mask), per_image, -1)
+      t = evaluators.to_host(self.embed_txt(variables, tokens)).reshape(len(mask), per_image, -1)
       real = self._real_texts(batch, (len(mask), per_image))[mask]
       ztxt.append(t[mask][real])
       idx = n_seen + np.arange(int(mask.sum()))
       owner.append(np.broadcast_to(idx[:, None], real.shape)[real])
       n_seen += int(mask.sum())
       for n in self.names:
-        zimg[n].append(_to_host(self.embed_img[n](variables, batch["image"]))[mask])
+        zimg[n].append(evaluators.to_host(self.embed_img[n](variables, batch["image"]))[mask])
     ztxt, owner = np.concatenate(ztxt), np.concatenate(owner)
     for n in self.names:
       sim = np.concatenate(zimg[n]) @ ztxt.T
@@ -205,7 +198,7 @@ class ZeroShotEvaluator(_Base):
 
   def class_embeddings(self, variables):
     """[n_classes, d]: mean of each class's normalised prompt embeddings, renormalised."""
-    z = _to_host(self.embed_txt(variables, jnp.asarray(self.tokens)))
+    z = evaluators.to_host(self.embed_txt(variables, jnp.asarray(self.tokens)))
     z = z.reshape(len(self.classnames), len(self.templates), -1).mean(axis=1)
     return z / (np.linalg.norm(z, axis=-1, keepdims=True) + 1e-8)
 
@@ -216,12 +209,12 @@ class ZeroShotEvaluator(_Base):
     for mask, batch in self._batches():
       if self.label_key not in batch:
         raise ValueError(f"zero-shot eval batches need {self.label_key!r}; check pp_fn")
-      labels = _to_host(batch[self.label_key])[mask]
+      labels = evaluators.to_host(batch[self.label_key])[mask]
       if labels.ndim == 2:
         labels = labels.argmax(-1)
       count += int(mask.sum())
       for n in self.names:
-        pred = (_to_host(self.embed_img[n](variables, batch["image"]))[mask] @ cls.T).argmax(-1)
+        pred = (evaluators.to_host(self.embed_img[n](variables, batch["image"]))[mask] @ cls.T).argmax(-1)
         hits[n] += int(np.sum(pred == labels))
     for n in self.names:
       yield self._metric(n, "acc"), hits[n] / max(count, 1)

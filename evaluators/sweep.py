@@ -128,9 +128,9 @@ def _ensemble_logits(logits, sigmoid):
   if len(logits) == 1:
     return logits[0]
   stacked = jnp.stack(logits)
-  if sigmoid:
-    p = jnp.clip(jnp.mean(jax.nn.sigmoid(stacked), axis=0), 1e-7, 1 - 1e-7)
-    return jnp.log(p) - jnp.log1p(-p)
+  if sigmoid:  # logit(mean sigmoid) in log space: exact for confident logits too.
+    return (jax.nn.logsumexp(jax.nn.log_sigmoid(stacked), axis=0)
+            - jax.nn.logsumexp(jax.nn.log_sigmoid(-stacked), axis=0))
   return jax.nn.logsumexp(jax.nn.log_softmax(stacked), axis=0) - jnp.log(len(logits))
 
 

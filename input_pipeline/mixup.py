@@ -4,6 +4,8 @@ FunMatch needs the teacher and the student to see exactly the same mixed
 images, so ONE coefficient and ONE batch roll are applied to every listed image
 key (e.g. "image" and "prof") and to the labels.
 """
+import numbers
+
 import jax
 import jax.numpy as jnp
 
@@ -11,12 +13,16 @@ import jax.numpy as jnp
 FOLD_IN_MODES = (None, "host", "device", "sample")
 
 
+def _is_int(x):
+  return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
 def _groups(fold_in, batch_size):
   """How many independent mixing coefficients big_vision's `fold_in` asks for: one
   (None, or an int folded into the rng), one per process, per device, or per example.
   The global batch is laid out process-major and device-major (flexi.sharding checks
   it), so group g is the g-th contiguous block of examples."""
-  if fold_in is None or isinstance(fold_in, int):
+  if fold_in is None or _is_int(fold_in):
     return 1
   counts = {"host": jax.process_count(), "device": jax.device_count(), "sample": batch_size}
   if fold_in not in counts:
@@ -49,7 +55,7 @@ def mixup(rng, batch, *, p=1.0, keys=("image",), label_key="labels", n=2, fold_i
                        "(one-hot labels, value_range'd images)")
   size = batch[label_key].shape[0]
   groups = _groups(fold_in, size)
-  if isinstance(fold_in, int):
+  if _is_int(fold_in):
     rng = jax.random.fold_in(rng, fold_in)
   shape = () if groups == 1 else (groups,)
   if n == 2:

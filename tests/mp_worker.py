@@ -31,6 +31,8 @@ def main():
                                          data=tiny_setup.data())
   flat = {jax.tree_util.keystr(p): np.asarray(x.addressable_data(0))
           for p, x in jax.tree_util.tree_leaves_with_path(result.params)}
+  flat.update({f"cka/{k}": np.float64(v)
+               for k, v in tiny_setup.cka_of(config, result.params).items()})
   if jax.process_index() == 0:
     np.savez(out, **flat)
   jax.distributed.shutdown()

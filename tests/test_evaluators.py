@@ -3,6 +3,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -325,6 +326,11 @@ def test_sweep_ensembles_average_probabilities(setup, tmp_path):
   saved = json.load(open(tmp_path / "sweep.json"))
   assert [r["patch_size"] for r in saved["ensembles"]] == [[8, 16]]
   assert len(saved["rows"]) == len(SIZES) and (tmp_path / "sweep.png").exists()
+  # A model ensembled with itself is the model, confident sigmoid logits included.
+  x = jnp.array([[16.5, 18.0, -3.0], [2.0, 1.0, -20.0]])
+  np.testing.assert_allclose(sweep._ensemble_logits([x, x], sigmoid=True), x, atol=1e-5)  # pylint: disable=protected-access
+  np.testing.assert_allclose(sweep._ensemble_logits([x, x], sigmoid=False),  # pylint: disable=protected-access
+                             jax.nn.log_softmax(x), atol=1e-6)
   with pytest.raises(ValueError, match=r"ensembles: \[12\] not among the swept patch_sizes"):
     sweep.Evaluator(setup["fns"], ctx, patch_sizes=SIZES, data={}, pp_fn="",
                     ensembles=[[8, 12]])

@@ -72,6 +72,8 @@ def test_fold_in_changes_the_draw_like_folding_the_rng():
   folded = mixup(rng, _batch(), p=1.0, fold_in=7)
   by_hand = mixup(jax.random.fold_in(rng, 7), _batch(), p=1.0)
   np.testing.assert_array_equal(folded["image"], by_hand["image"])
+  np.testing.assert_array_equal(  # numpy ints as well (e.g. from a config or an array).
+      mixup(rng, _batch(), p=1.0, fold_in=np.int64(7))["image"], by_hand["image"])
   assert not np.array_equal(folded["image"], mixup(rng, _batch(), p=1.0)["image"])
 
 

@@ -181,6 +181,13 @@ def test_two_processes_match_one(tmp_path, cache_dir, full_run):
       continue
     # Same global batch, same math; only the cross-process reduction order differs.
     np.testing.assert_allclose(got[name], x, rtol=0, atol=4e-6, err_msg=name)
+  # Evaluators that gather per-process rows (the cka evaluator's mask) work across
+  # processes: the same CKA as one process on the same global batches.
+  one = tiny_setup.cka_of(tiny_setup.tiny_config(compilation_cache_dir=cache_dir),
+                          full.params)
+  assert len(one) == 4 and all(f"cka/{k}" in got.files for k in one)
+  for k, v in one.items():
+    np.testing.assert_allclose(got[f"cka/{k}"], v, rtol=1e-4, err_msg=k)
 
 
 def test_model_init_from_workdir_with_dont_load(full_run, cache_dir):

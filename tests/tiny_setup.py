@@ -1,4 +1,5 @@
 """Shared tiny setup for the training tests (also imported by the 2-process worker)."""
+import jax
 import numpy as np
 
 from flexi import config as config_lib
@@ -42,3 +43,25 @@ def data(batch_size=16, **kw):
   images, labels = arrays(**kw)
   return data_source.in_memory(images, labels, batch_size=batch_size,
                                num_classes=NUM_CLASSES)
+
+
+def cka_of(config, params):
+  """The cka evaluator on 2 global batches of 16 images, each process feeding its rows
+  (the 2-process test compares it with one process)."""
+  import evaluators  # pylint: disable=import-outside-toplevel
+  from evaluators import representations  # pylint: disable=import-outside-toplevel
+  from flexi import sharding, train_loop  # pylint: disable=import-outside-toplevel
+  from trainers import train  # pylint: disable=import-outside-toplevel
+  images, _ = arrays(n=32)
+  rows = 16 // jax.process_count()
+  own = np.concatenate([np.arange(lo, lo + rows) + rows * jax.process_index()
+                        for lo in (0, 16)])
+
+  def local_batches():
+    for lo in range(0, len(own), rows):
+      yield {"image": images[own[lo:lo + rows]], "_mask": np.ones(rows, bool)}
+  fns = train_loop.PredictFns(train.make_trainer(config).predict_fn, "patch_size", [8, 16])
+  ctx = evaluators.EvalContext(sharding.make_mesh([("data", -1)]), ("data",), 16, None)
+  ev = representations.Evaluator(fns, ctx, patch_sizes=[8, 16], batch_size=16, plot=False,
+                                 batches=local_batches)
+  return dict(ev.run({"params": params}))
