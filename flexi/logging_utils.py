@@ -26,6 +26,7 @@ class MetricWriter:
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.stream = stream
     self._json = self._tb = self._path = self._tb_dir = None
+    self._tb_not_before = 0.0  # After a resume marker: the next file sorts after it.
     if self.enabled and workdir:
       os.makedirs(workdir, exist_ok=True)
       self._path = os.path.join(workdir, "metrics.jsonl")
@@ -36,6 +37,7 @@ class MetricWriter:
   def _tensorboard(self):
     """The tf.summary writer, created on the first write (after a resume's marker)."""
     if self._tb is None and self._tb_dir:
+      time.sleep(max(0.0, self._tb_not_before - time.time()))  # (At most 1 s, once.)
       import input_pipeline  # pylint: disable=import-outside-toplevel,unused-import  # TF off the GPUs.
       import tensorflow as tf  # pylint: disable=import-outside-toplevel
       from tensorflow.core.framework import summary_pb2  # pylint: disable=import-outside-toplevel
@@ -80,7 +82,7 @@ class MetricWriter:
     os.replace(tmp, self._path)
     self._json = open(self._path, "a")
     if self._tb_dir and self._tb is None:
-      _write_tensorboard_restart(self._tb_dir, step + 1)
+      self._tb_not_before = _write_tensorboard_restart(self._tb_dir, step + 1) + 1
 
   def write(self, step: int, metrics: dict):
     if not self.enabled:
@@ -110,18 +112,26 @@ class MetricWriter:
 
 def _write_tensorboard_restart(tb_dir, step):
   """An event file holding only a SessionLog START at `step`: TensorBoard then purges
-  the events at `step` and later that were read before it. Its name sorts before the
-  file the resumed run writes next (same timestamp: '0' < a pid's first digit)."""
-  import socket  # pylint: disable=import-outside-toplevel
+  the events at `step` and later that were read before it. TensorBoard reads event
+  files in name order, and names start with the creation second: this one takes the
+  newest existing file's second (or now) and a suffix that sorts after any host name,
+  and the resumed run's own file must start a later second. Returns that second."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   from tensorflow.core.util import event_pb2  # pylint: disable=import-outside-toplevel
   os.makedirs(tb_dir, exist_ok=True)
-  now = time.time()
-  path = os.path.join(tb_dir, f"events.out.tfevents.{int(now)}.{socket.gethostname()}.0restart")
+  seconds = [int(time.time())]
+  for name in os.listdir(tb_dir):
+    parts = name.split(".")
+    if name.startswith("events.out.tfevents.") and len(parts) > 3 and parts[3].isdigit():
+      seconds.append(int(parts[3]))
+  second = max(seconds)
+  path = os.path.join(tb_dir, f"events.out.tfevents.{second}.~restart")
   with tf.io.TFRecordWriter(path) as f:
+    now = time.time()
     f.write(event_pb2.Event(wall_time=now, file_version="brain.Event:2").SerializeToString())
     f.write(event_pb2.Event(wall_time=now, step=int(step), session_log=event_pb2.SessionLog(
         status=event_pb2.SessionLog.START)).SerializeToString())
+  return second
 
 
 def fmt_eta(seconds: float) -> str:

@@ -106,7 +106,7 @@ def test_kill_and_resume_bit_identical(tmp_path, cache_dir, full_run):
   # it purge the first run's steps 4-5.
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   files = sorted(os.listdir(tmp_path / "tb"))
-  marker = [i for i, f in enumerate(files) if f.endswith(".0restart")]
+  marker = [i for i, f in enumerate(files) if f.endswith(".~restart")]
   assert len(files) == 3 and marker == [1]
   starts = [e.step for e in tf.compat.v1.train.summary_iterator(str(tmp_path / "tb" / files[1]))
             if e.HasField("session_log")]
