@@ -29,6 +29,13 @@ def _distill_step(teacher, student, tx, patch):
   return step
 
 
+def peak_bytes(compiled):
+  """Arguments + outputs + temporaries - aliased buffers, from XLA's memory analysis."""
+  mem = compiled.memory_analysis()
+  return (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+          - mem.alias_size_in_bytes)
+
+
 def distill_memory(batch, patch, teacher="B/8", student="B", **student_kw):
   """Peak/temp/argument bytes of one compiled distillation step."""
   teacher = vit.Model(1000, variant=teacher, posemb_size=28, pool_type="tok")
@@ -43,9 +50,7 @@ def distill_memory(batch, patch, teacher="B/8", student="B", **student_kw):
                         jax.ShapeDtypeStruct((batch, 224, 224, 3), jnp.float32),
                         jax.ShapeDtypeStruct((batch, RES, RES, 3), jnp.float32)).compile()
   mem = compiled.memory_analysis()
-  peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-          - mem.alias_size_in_bytes)
-  return dict(peak_bytes=peak, temp_bytes=mem.temp_size_in_bytes,
+  return dict(peak_bytes=peak_bytes(compiled), temp_bytes=mem.temp_size_in_bytes,
               argument_bytes=mem.argument_size_in_bytes)
 
 
@@ -81,7 +86,5 @@ def lit_locked_tower(batch, patch, *, skip_frozen_grads=True):
   out = {"grads_bytes": sum(x.size * x.dtype.itemsize
                             for x in jax.tree.leaves(build.grads_like(params)))}
   for name, program in (("grad", step.grads), ("update", step.update)):
-    mem = program.memory_analysis()
-    out[f"{name}_peak_bytes"] = (mem.argument_size_in_bytes + mem.output_size_in_bytes
-                                 + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+    out[f"{name}_peak_bytes"] = peak_bytes(program)
   return out

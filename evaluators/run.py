@@ -72,19 +72,17 @@ def batch_spec(config, mesh, image_size=None):
 def load_params(config, trainer, mesh, *, workdir=None, checkpoint_path=None, step=None,
                 image_size=None):
   """Host params: a workdir's own checkpoint as saved, anything else via load_into."""
+  if checkpoint_path is None and not os.path.isdir(os.path.join(workdir, "ckpt")):
+    raise FileNotFoundError(f"no checkpoint folder {os.path.join(workdir, 'ckpt')}; "
+                            "pass --checkpoint or train first")
+  init = jax.eval_shape(trainer.init_params, jax.random.PRNGKey(0),
+                        batch_spec(config, mesh, image_size))
   if checkpoint_path is None:
-    if not os.path.isdir(os.path.join(workdir, "ckpt")):
-      raise FileNotFoundError(f"no checkpoint folder {os.path.join(workdir, 'ckpt')}; "
-                              "pass --checkpoint or train first")
     params = ckpt_manager.restore_params_from_workdir(workdir, step)
     where = f"{workdir} step {step if step is not None else 'latest'}"
     # Its own run's params, as saved; a config that builds another model is one line.
-    init = jax.eval_shape(trainer.init_params, jax.random.PRNGKey(0),
-                          batch_spec(config, mesh, image_size))
     ckpt_manager.check_shapes(f"checkpoint {where}", params, init)
     return params, where
-  spec = batch_spec(config, mesh, image_size)
-  init = jax.eval_shape(trainer.init_params, jax.random.PRNGKey(0), spec)
   init = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), init)
   path = os.path.expanduser(checkpoint_path)
   if os.path.isdir(os.path.join(path, "ckpt")):

@@ -163,9 +163,13 @@ class Evaluator:
     self.predict_fns = {n: predict_fns[n] for n in self.names}
     self.loss_fn = losses.get(loss_name)
     self.sigmoid = loss_name.startswith("sigmoid")
-    self.steps = {n: self._make_step([fn]) for n, fn in self.predict_fns.items()}
-    self.steps.update({e: self._make_step([self.predict_fns[m] for m in members])
-                       for e, members in self.ensembles.items()})
+    members = {m for ms in self.ensembles.values() for m in ms}
+    self.steps = {n: self._make_step(fn, keep_logits=n in members)
+                  for n, fn in self.predict_fns.items()}
+    # An ensemble combines its members' logits of the same batch: no forward pass again.
+    self.ensemble_step = jax.jit(
+        lambda logits, batch: self._stats(_ensemble_logits(logits, self.sigmoid), batch),
+        out_shardings=sharding.replicated(ctx.mesh))
     self.compiled, self.gflops = {}, {}
 
   @classmethod
@@ -177,28 +181,32 @@ class Evaluator:
                        predict_fns)
     ensemble_members(kwargs.get("ensembles"), names)
 
-  def _make_step(self, fns):
-    """Jitted: (variables, batch) -> [hits, loss, count, real_hits, real_count, max set],
-    of one predict fn or of the ensemble of several."""
+  def _make_step(self, fn, keep_logits):
+    """Jitted: (variables, batch) -> (stats, logits if `keep_logits` (an ensemble member)
+    else None)."""
     def step(variables, batch):
-      logits = _ensemble_logits(
-          [fn(variables, batch)[self.outputs_key].astype(jnp.float32) for fn in fns],
-          self.sigmoid)
-      labels = batch[self.label_key]
-      if labels.ndim == 1:
-        labels = jax.nn.one_hot(labels, logits.shape[-1])
-      mask = evaluators.labelled_mask(batch["_mask"], labels)
-      loss = self.loss_fn(logits, labels, reduction=False)
-      real = batch[self.real_key] if self.real_key else labels
-      real_valid = mask * (jnp.sum(real, axis=-1) > 0)
-      return jnp.stack([
-          jnp.sum(_hits(logits, labels) * mask),
-          jnp.sum(jnp.where(mask > 0, loss, 0.)),
-          jnp.sum(mask),
-          jnp.sum(_hits(logits, real) * real_valid),
-          jnp.sum(real_valid),
-          jnp.max(jnp.sum(real > 0, axis=-1) * mask)])  # >1: labels are sets.
-    return jax.jit(step, out_shardings=sharding.replicated(self.ctx.mesh))
+      logits = fn(variables, batch)[self.outputs_key].astype(jnp.float32)
+      return self._stats(logits, batch), (logits if keep_logits else None)
+    return jax.jit(step, out_shardings=(
+        sharding.replicated(self.ctx.mesh),
+        sharding.batch_sharding(self.ctx.mesh, self.ctx.batch_axes) if keep_logits else None))
+
+  def _stats(self, logits, batch):
+    """[hits, loss, count, real_hits, real_count, max label-set size] of one batch."""
+    labels = batch[self.label_key]
+    if labels.ndim == 1:
+      labels = jax.nn.one_hot(labels, logits.shape[-1])
+    mask = evaluators.labelled_mask(batch["_mask"], labels)
+    loss = self.loss_fn(logits, labels, reduction=False)
+    real = batch[self.real_key] if self.real_key else labels
+    real_valid = mask * (jnp.sum(real, axis=-1) > 0)
+    return jnp.stack([
+        jnp.sum(_hits(logits, labels) * mask),
+        jnp.sum(jnp.where(mask > 0, loss, 0.)),
+        jnp.sum(mask),
+        jnp.sum(_hits(logits, real) * real_valid),
+        jnp.sum(real_valid),
+        jnp.max(jnp.sum(real > 0, axis=-1) * mask)])  # >1: labels are sets.
 
   def _local_batches(self):
     if self.batches_fn is not None:
@@ -210,14 +218,14 @@ class Evaluator:
     """AOT-compiles every step on the first batch; GFLOPs from the predict fns."""
     for n, step in self.steps.items():
       self.compiled[n] = step.lower(variables, batch).compile()
-      if n not in self.gflops and n in self.predict_fns:
+      if n not in self.gflops:
         per_ex, per_call = per_example_flops(self.predict_fns[n], variables, batch,
                                              self.flops_batch)
         self.gflops[n] = (per_ex / 1e9, per_call / 1e9)
 
   def evaluate(self, variables):
     """The pass itself: {name: dict of metrics} (also the JSON rows)."""
-    sums = {n: np.zeros(6) for n in self.steps}
+    sums = {n: np.zeros(6) for n in [*self.steps, *self.ensembles]}
     image_hw, batch = None, None
     for local in self._local_batches():
       batch = sharding.to_global(local, self.ctx.mesh, self.ctx.batch_axes)
@@ -225,12 +233,22 @@ class Evaluator:
         self._compile(variables, batch)
       if image_hw is None and "image" in batch:
         image_hw = tuple(batch["image"].shape[1:3])
+      logits = {}
       for n in self.steps:
-        out = np.asarray(jax.device_get(self.compiled[n](variables, batch)), np.float64)
-        sums[n][:5] += out[:5]
-        sums[n][5] = max(sums[n][5], out[5])
+        stats, logits[n] = self.compiled[n](variables, batch)
+        self._add(sums[n], stats)
+      for e, members in self.ensembles.items():
+        self._add(sums[e], self.ensemble_step([logits[m] for m in members], batch))
     secs = self._seconds_per_image(variables, batch) if batch is not None else {}
-    return {n: self._row(n, sums[n], secs.get(n, np.nan), image_hw) for n in self.steps}
+    secs.update({e: sum(secs.get(m, np.nan) for m in members)  # Every member runs.
+                 for e, members in self.ensembles.items()})
+    return {n: self._row(n, sums[n], secs.get(n, np.nan), image_hw) for n in sums}
+
+  @staticmethod
+  def _add(total, stats):
+    stats = np.asarray(jax.device_get(stats), np.float64)
+    total[:5] += stats[:5]
+    total[5] = max(total[5], stats[5])
 
   def _seconds_per_image(self, variables, batch):
     """Each size's compute time per image: the fastest of `timing_reps` rounds over the
@@ -241,7 +259,7 @@ class Evaluator:
     for _ in range(self.timing_reps):
       for n in self.steps:
         t0 = time.perf_counter()
-        jax.device_get(self.compiled[n](variables, batch))
+        jax.device_get(self.compiled[n](variables, batch)[0])
         best[n] = min(best[n], time.perf_counter() - t0)
     size = next(iter(batch.values())).shape[0]
     return {n: t / size for n, t in best.items()}

@@ -221,12 +221,12 @@ class _Preemption:
   with a checkpoint. Multi-process runs use JAX's preemption sync point (the
   coordination service catches the signal and picks one step for every process)."""
 
-  def __init__(self):
-    from jax._src import distributed  # pylint: disable=import-outside-toplevel
-    self._multi = distributed.global_state.client is not None
+  def __enter__(self):
+    self._multi = jax.process_count() > 1  # (Only with jax.distributed initialised.)
     self.requested, self._old = False, None
     if not self._multi and threading.current_thread() is threading.main_thread():
       self._old = signal.signal(signal.SIGTERM, self._on_signal)
+    return self
 
   def _on_signal(self, signum, frame):
     del signum, frame
@@ -238,7 +238,7 @@ class _Preemption:
       return multihost_utils.reached_preemption_sync_point(step)
     return self.requested
 
-  def close(self):
+  def __exit__(self, *exc):
     if self._old is not None:
       signal.signal(signal.SIGTERM, self._old)
 
@@ -367,8 +367,7 @@ def _loop(config, workdir, trainer, data, dur, sampler, mesh, batch_axes, ckpt, 
   # them: run them now.
   _run_evals(_unfinished_evals(evals, start, total, writer), start, params, consts, writer,
              eval_metrics)
-  preemption = _Preemption()
-  try:
+  with _Preemption() as preemption:
     for step in range(start, total):
       value = sampler.sample(step)
       params, opt_state, metrics = compiled[value](params, opt_state, consts, next(batches),
@@ -401,8 +400,6 @@ def _loop(config, workdir, trainer, data, dur, sampler, mesh, batch_axes, ckpt, 
                        writer, eval_metrics)
       if ran or _due(done, dur["ckpt"], total):
         progress.reset(done)
-  finally:
-    preemption.close()
   guard.check()
   ckpt.wait()
   return TrainResult(params, opt_state, max(total, start), last_metrics, eval_metrics,

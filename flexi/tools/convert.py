@@ -44,7 +44,7 @@ def load_any(src, step=None, num_heads=None):
     return ckpt_manager.restore_params_from_workdir(os.path.expanduser(src), step)
   if os.path.isdir(src):
     raise FileNotFoundError(f"{src} is a directory without a ckpt/ checkpoint folder")
-  if src.endswith((".safetensors", ".pth", ".pt", ".bin")):
+  if src.endswith(timm.SUFFIXES):
     sd = timm.read_state_dict(src)
     try:
       return timm.timm_to_params(sd, num_heads)
@@ -150,7 +150,7 @@ def _parser():
 def main(argv=None):
   args = _parser().parse_args(argv)
   try:
-    if args.cmd == "timm" and not args.src.endswith((".safetensors", ".pth", ".pt", ".bin")):
+    if args.cmd == "timm" and not args.src.endswith(timm.SUFFIXES):
       raise ValueError(f"{args.src}: the timm command reads .safetensors/.pth/.pt/.bin files")
     params = load_any(args.src, getattr(args, "step", None), args.num_heads)
     if args.cmd == "to-workdir":

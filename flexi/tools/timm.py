@@ -26,6 +26,10 @@ import numpy as np
 from flexi import vit
 
 
+TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+SUFFIXES = (".safetensors", *TORCH_SUFFIXES)  # The files read_state_dict reads.
+
+
 def read_state_dict(path):
   """{name: float32 numpy array} from a .safetensors or .pth/.pt/.bin file."""
   if not os.path.exists(path):
@@ -36,7 +40,7 @@ def read_state_dict(path):
       sd = load_file(path)
     except Exception as e:  # pylint: disable=broad-except
       raise ValueError(f"{path} is not a valid .safetensors file ({e})") from None
-  elif path.endswith((".pth", ".pt", ".bin")):
+  elif path.endswith(TORCH_SUFFIXES):
     try:
       import torch  # pylint: disable=import-outside-toplevel
     except ImportError:
