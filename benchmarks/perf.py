@@ -19,6 +19,7 @@ Like the trainers, the script restarts itself with glibc's huge-page tunable
 `FLEXI_HUGEPAGES=0 python -m benchmarks.perf ...` measures the default allocator.
 """
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -57,10 +58,27 @@ def best_of(fn, reps):
   return min(times)
 
 
+def cpu_record(cpuinfo_path="/proc/cpuinfo"):
+  """The first CPU's model name, family/model and widest vector ISA. A VM's model name
+  can hide its generation ("AMD EPYC" was an AVX-512 Zen 4 and later an AVX2 Zen 3
+  here), and the numbers depend on it."""
+  fields = {}
+  with contextlib.suppress(OSError):
+    with open(cpuinfo_path) as f:
+      for line in f:
+        if not line.strip():
+          break  # The first CPU's block ends here.
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+  flags = set(fields.get("flags", "").split())
+  return dict(cpu=fields.get("model name", platform.processor()),
+              cpu_family_model=f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}",
+              isa=next((name for name in ("avx512f", "avx2", "avx") if name in flags), None))
+
+
 def machine():
-  cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-              if line.startswith("model name")), platform.processor())
-  return dict(nproc=os.cpu_count(), cpu=cpu, jax=jax.__version__,
+  """What the numbers depend on."""
+  return dict(nproc=os.cpu_count(), **cpu_record(), jax=jax.__version__,
               backend=jax.default_backend(), devices=jax.device_count(),
               load_avg=os.getloadavg()[0], thp_mode=host.thp_mode(),
               glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),

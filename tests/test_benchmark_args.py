@@ -41,3 +41,18 @@ def test_ceiling_splits_the_flops_into_attention_core_and_rest():
   t = row["seconds"]
   assert row["ceiling"] == pytest.approx(
       row["flops"]["whole"] / (t["rest"] + t["core"]) / row["peak"])
+
+
+def test_cpu_record_reads_the_first_cpu_and_its_widest_isa(tmp_path):
+  """The machine record tells CPU generations apart that share a model name."""
+  block = ("processor\t: {i}\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: {model}\n"
+           "model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx {flags}\n\n")
+  info = tmp_path / "cpuinfo"
+  info.write_text(block.format(i=0, model=1, flags="avx2 fma")
+                  + block.format(i=1, model=17, flags="avx2 avx512f avx512_bf16"))
+  assert perf.cpu_record(str(info)) == dict(cpu="AMD EPYC", cpu_family_model="25/1",
+                                            isa="avx2")
+  info.write_text(block.format(i=0, model=17, flags="avx2 avx512f"))
+  assert perf.cpu_record(str(info))["isa"] == "avx512f"
+  record = perf.cpu_record(str(tmp_path / "missing"))  # Not Linux: no /proc/cpuinfo.
+  assert record["cpu_family_model"] == "?/?" and record["isa"] is None
