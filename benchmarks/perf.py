@@ -19,7 +19,6 @@ Like the trainers, the script restarts itself with glibc's huge-page tunable
 `FLEXI_HUGEPAGES=0 python -m benchmarks.perf ...` measures the default allocator.
 """
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -62,14 +61,7 @@ def cpu_record(cpuinfo_path="/proc/cpuinfo"):
   """The first CPU's model name, family/model and widest vector ISA. A VM's model name
   can hide its generation ("AMD EPYC" was an AVX-512 Zen 4 and later an AVX2 Zen 3
   here), and the numbers depend on it."""
-  fields = {}
-  with contextlib.suppress(OSError):
-    with open(cpuinfo_path) as f:
-      for line in f:
-        if not line.strip():
-          break  # The first CPU's block ends here.
-        key, _, value = line.partition(":")
-        fields[key.strip()] = value.strip()
+  fields = host.cpuinfo(cpuinfo_path)
   flags = set(fields.get("flags", "").split())
   return dict(cpu=fields.get("model name", platform.processor()),
               cpu_family_model=f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}",

@@ -6,7 +6,9 @@ program per patch size). This cache stores the whole compiled executable
 (`jax.experimental.serialize_executable`) under a key computed WITHOUT tracing:
 everything that decides the program — the config, the abstract arguments (shapes,
 dtypes, shardings), the patch-size value, the compiler options and XLA_FLAGS, the
-versions of jax/jaxlib/flax/optax, the devices, and a hash of this codebase's
+versions of jax/jaxlib/flax/optax, the devices (on CPU also the host CPU's model and
+feature flags: XLA:CPU compiles for them, and a cache in a shared home directory may
+serve several machine types), and a hash of this codebase's
 Python source and of the files defining a trainer kept elsewhere (`code_fingerprint`;
 modules those import are not followed: set `executable_cache=False` while editing
 them). Change any of them and the key changes; a file that cannot be read
@@ -35,7 +37,7 @@ import jax
 from jax._src import config as jax_config  # Thread-local switch for the persistent cache.
 from jax.experimental import serialize_executable
 
-from flexi import native_attention
+from flexi import host, native_attention
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SOURCE_DIRS = ("flexi", "trainers", "evaluators", "input_pipeline")  # mixup runs in-step.
@@ -114,7 +116,8 @@ def step_key(*, config_json: str, value: Any, abstract_args, compiler_options) -
       xla_flags=os.environ.get("XLA_FLAGS", ""), versions=_versions(),
       jax_flags=[str(getattr(jax.config, f, None)) for f in _JAX_FLAGS],
       devices=[(d.platform, d.device_kind, d.id, d.process_index) for d in jax.devices()],
-      process=(jax.process_index(), jax.process_count()), source=source_fingerprint())
+      process=(jax.process_index(), jax.process_count()), source=source_fingerprint(),
+      host_cpu=host.cpu_signature() if jax.default_backend() == "cpu" else None)
   return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -11,7 +11,9 @@ start, so the command-line entry points call `reexec_with_hugepages()` first: it
 restarts the same command once, same PID, with the tunable added to GLIBC_TUNABLES.
 Set FLEXI_HUGEPAGES=0 to keep the process as it was started.
 """
+import functools
 import os
+import platform
 import sys
 from typing import Mapping, Optional
 
@@ -44,6 +46,33 @@ def thp_mode(path: str = _THP_MODE) -> Optional[str]:
     return None
   start, end = text.find("["), text.find("]")
   return text[start + 1:end] if 0 <= start < end else None
+
+
+def cpuinfo(path: str = "/proc/cpuinfo") -> dict:
+  """The first CPU's /proc/cpuinfo fields ({} where there is no such file)."""
+  fields = {}
+  try:
+    with open(path) as f:
+      for line in f:
+        if not line.strip():
+          break  # The first CPU's block ends here.
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+  except OSError:
+    pass
+  return fields
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_signature() -> str:
+  """What code compiled for this CPU depends on: model, family/model and feature flags
+  (`platform` facts where there is no /proc/cpuinfo). XLA:CPU and the native attention
+  kernel generate code for the host's features, so their on-disk caches key on this."""
+  info = cpuinfo()
+  if not info:
+    return f"{platform.machine()} {platform.processor()}"
+  return " | ".join(f"{k}: {info.get(k, '')}" for k in ("model name", "cpu family", "model",
+                                                         "flags"))
 
 
 def needs_reexec(environ: Mapping[str, str], glibc: Optional[tuple],

@@ -30,6 +30,8 @@ import threading
 import jax
 import jax.numpy as jnp
 
+from flexi import host
+
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native", "attention.cc")
 _FORWARD, _BACKWARD = "flexi_attention_forward", "flexi_attention_backward"
 _COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-std=c++17", "-w")
@@ -37,15 +39,6 @@ _COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-std=c++17", 
 
 class NativeAttentionUnavailable(RuntimeError):
   """The kernel cannot be built or loaded here (the message says why)."""
-
-
-def _cpu_flags() -> str:
-  with contextlib.suppress(OSError):
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("flags"):
-          return line
-  return platform.processor() or platform.machine()
 
 
 @contextlib.contextmanager
@@ -86,7 +79,7 @@ def _library_path() -> str:
     source = f.read()
   # The library's paths are in the key: it links to this environment's OpenBLAS by path.
   key = hashlib.sha256(repr((source, cxx, _COMPILE_FLAGS, jax.__version__, jax.ffi.include_dir(),
-                             blas.__version__, blas.get_lib_dir(), _cpu_flags())).encode())
+                             blas.__version__, blas.get_lib_dir(), host.cpu_signature())).encode())
   key = key.hexdigest()[:20]
   directory = os.environ.get("FLEXI_NATIVE_CACHE") or os.path.join(
       os.path.expanduser("~"), ".cache", "flexi", "native")

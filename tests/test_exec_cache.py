@@ -3,6 +3,7 @@ import os
 import shutil
 import subprocess
 import sys
+from unittest import mock
 
 import jax
 import numpy as np
@@ -172,6 +173,10 @@ def test_key_depends_on_every_input(tmp_path):
                  dict(abstract_args=(jax.ShapeDtypeStruct((2, 3), jax.numpy.bfloat16),)),
                  dict(compiler_options={"xla_backend_optimization_level": 0})):
     assert exec_cache.step_key(**{**base, **change}) != key, change
+  # XLA:CPU compiles for the host's features (AVX-512 here, AVX2 there): a cache in a
+  # shared home directory must not hand one machine type's programs to another.
+  with mock.patch.object(exec_cache.host, "cpu_signature", lambda: "flags: avx2"):
+    assert exec_cache.step_key(**base) != key
   (tmp_path / "flexi").mkdir()
   (tmp_path / "flexi" / "a.py").write_text("x = 1\n")
   one = exec_cache.source_fingerprint(str(tmp_path), ("flexi",))

@@ -45,6 +45,21 @@ def test_thp_mode_reads_the_bracketed_choice(tmp_path):
   assert host.thp_mode(str(tmp_path / "missing")) is None
 
 
+
+def test_cpu_signature_tells_machine_types_apart(monkeypatch):
+  """Two VMs named "AMD EPYC": a Zen 4 with AVX-512 and a Zen 3 without. Code compiled
+  for one (XLA:CPU programs, the native kernel) must not be keyed like the other's."""
+  def signature_of(model, flags):
+    monkeypatch.setattr(host, "cpuinfo", lambda: {"model name": "AMD EPYC", "cpu family": "25",
+                                                 "model": model, "flags": flags})
+    return host.cpu_signature.__wrapped__()
+  zen4, zen3 = signature_of("17", "avx2 avx512f"), signature_of("1", "avx2")
+  assert zen4 != zen3 and "avx512f" in zen4
+  monkeypatch.setattr(host, "cpuinfo", dict)  # No /proc/cpuinfo (macOS): platform facts.
+  assert host.cpu_signature.__wrapped__()
+  monkeypatch.undo()  # (Never fill the process-wide cache with a patched value.)
+  assert host.cpu_signature() == host.cpu_signature.__wrapped__()
+
 _CHILD = """
 import ctypes, json, os, resource, sys
 from flexi import host

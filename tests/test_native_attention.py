@@ -198,7 +198,7 @@ def test_cache_key_follows_the_environment(monkeypatch):
   another environment must not load it."""
   blas = native._blas()  # pylint: disable=protected-access
   here = native._library_path()  # pylint: disable=protected-access
-  monkeypatch.setattr(native, "_cpu_flags", lambda: "flags : sse2")
+  monkeypatch.setattr(native.host, "cpu_signature", lambda: "flags: sse2")
   other_cpu = native._library_path()  # pylint: disable=protected-access
   monkeypatch.undo()
   monkeypatch.setattr(blas, "get_lib_dir", lambda: "/elsewhere/lib")
