@@ -6,6 +6,7 @@ mesh + shardings, init or resume, one AOT-compiled step per patch size, the loop
 NaN checks, checkpoints, logging and evaluators.
 """
 import dataclasses
+import hashlib
 import itertools
 import json
 import os
@@ -19,7 +20,7 @@ import numpy as np
 
 import evaluators as evaluators_lib
 from flexi import ckpt_manager, data_source, durations, logging_utils, optim
-from flexi import exec_cache, patch_sampler, sharding, steps
+from flexi import exec_cache, host, patch_sampler, sharding, steps
 from flexi import config as config_lib
 
 
@@ -98,11 +99,23 @@ class TrainResult:
   compile_seconds: dict
 
 
+def jax_cache_dir(cache_dir: str) -> str:
+  """Where JAX's persistent cache goes under `cache_dir`: on CPU a subdirectory per CPU
+  type. JAX's key does not hold the host's features, which XLA:CPU compiles for; in a
+  home directory shared by an AVX-512 and an AVX2 machine each would reject the other's
+  entries (with a warning) and overwrite them with its own at every start."""
+  cache_dir = os.path.expanduser(cache_dir)
+  if jax.default_backend() != "cpu":
+    return cache_dir
+  cpu = hashlib.sha256(host.cpu_signature().encode()).hexdigest()[:12]
+  return os.path.join(cache_dir, f"cpu-{cpu}")
+
+
 def setup_compilation_cache(cache_dir: Optional[str]):
   """JAX persistent cache, small CPU programs included (thresholds lowered)."""
   if not cache_dir:
     return
-  cache_dir = os.path.expanduser(cache_dir)
+  cache_dir = jax_cache_dir(cache_dir)
   os.makedirs(cache_dir, exist_ok=True)
   if jax.config.jax_compilation_cache_dir != cache_dir:
     jax.config.update("jax_compilation_cache_dir", cache_dir)

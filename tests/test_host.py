@@ -115,3 +115,16 @@ def test_multi_process_launch_without_a_coordinator_is_a_clear_error(monkeypatch
   monkeypatch.setenv("JAX_PROCESS_ID", "1")
   with pytest.raises(ValueError, match="2 processes need a coordinator"):
     distributed.initialize()
+
+
+def test_jax_cache_is_kept_per_cpu_type(tmp_path, monkeypatch):
+  """On CPU, JAX's persistent cache goes to a subdirectory per CPU type; executables
+  for another machine type never share it (JAX's key omits host features)."""
+  from flexi import train_loop  # pylint: disable=import-outside-toplevel
+  here = train_loop.jax_cache_dir(str(tmp_path))
+  assert os.path.dirname(here) == str(tmp_path)
+  assert os.path.basename(here).startswith("cpu-")
+  monkeypatch.setattr(host, "cpu_signature", lambda: "flags: avx2")
+  assert train_loop.jax_cache_dir(str(tmp_path)) != here
+  monkeypatch.setattr(train_loop.jax, "default_backend", lambda: "gpu")
+  assert train_loop.jax_cache_dir(str(tmp_path)) == str(tmp_path)
