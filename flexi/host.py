@@ -11,7 +11,6 @@ start, so the command-line entry points call `reexec_with_hugepages()` first: it
 restarts the same command once, same PID, with the tunable added to GLIBC_TUNABLES.
 Set FLEXI_HUGEPAGES=0 to keep the process as it was started.
 """
-import functools
 import os
 import platform
 import sys
@@ -63,16 +62,27 @@ def cpuinfo(path: str = "/proc/cpuinfo") -> dict:
   return fields
 
 
-@functools.lru_cache(maxsize=None)
+# Fields that differ between cores or change without changing what code can run here.
+_VOLATILE_CPU_FIELDS = frozenset({"processor", "bogomips", "cpu mhz", "apicid", "initial apicid",
+                                  "core id", "physical id", "siblings", "cpu cores",
+                                  "microcode", "bugs"})
+_SIGNATURE = None  # cpu_signature's value once /proc/cpuinfo has been read.
+
+
 def cpu_signature() -> str:
-  """What code compiled for this CPU depends on: model, family/model and feature flags
-  (`platform` facts where there is no /proc/cpuinfo). XLA:CPU and the native attention
-  kernel generate code for the host's features, so their on-disk caches key on this."""
-  info = cpuinfo()
-  if not info:
-    return f"{platform.machine()} {platform.processor()}"
-  return " | ".join(f"{k}: {info.get(k, '')}" for k in ("model name", "cpu family", "model",
-                                                         "flags"))
+  """What code compiled for this CPU depends on: the first CPU's /proc/cpuinfo fields
+  (x86: model name, family/model, feature flags; ARM: implementer, part, Features)
+  without the per-core and volatile ones; `platform` facts where there is no such file.
+  XLA:CPU and the native attention kernel generate code for the host's features, so
+  their on-disk caches key on this. Read once per process (a failed read is retried)."""
+  global _SIGNATURE
+  if _SIGNATURE is None:
+    info = cpuinfo()
+    if not info:
+      return f"{platform.machine()} {platform.processor()}"
+    _SIGNATURE = " | ".join(f"{k}: {v}" for k, v in sorted(info.items())
+                            if k.lower() not in _VOLATILE_CPU_FIELDS)
+  return _SIGNATURE
 
 
 def needs_reexec(environ: Mapping[str, str], glibc: Optional[tuple],

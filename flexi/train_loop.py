@@ -105,6 +105,7 @@ def jax_cache_dir(cache_dir: str) -> str:
   home directory shared by an AVX-512 and an AVX2 machine each would reject the other's
   entries (with a warning) and overwrite them with its own at every start."""
   cache_dir = os.path.expanduser(cache_dir)
+  # (Starts JAX's backends: the CLI has already initialised jax.distributed by now.)
   if jax.default_backend() != "cpu":
     return cache_dir
   cpu = hashlib.sha256(host.cpu_signature().encode()).hexdigest()[:12]

@@ -2,6 +2,7 @@
 flexi.distributed's launch checks."""
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -45,20 +46,38 @@ def test_thp_mode_reads_the_bracketed_choice(tmp_path):
   assert host.thp_mode(str(tmp_path / "missing")) is None
 
 
-
 def test_cpu_signature_tells_machine_types_apart(monkeypatch):
-  """Two VMs named "AMD EPYC": a Zen 4 with AVX-512 and a Zen 3 without. Code compiled
-  for one (XLA:CPU programs, the native kernel) must not be keyed like the other's."""
-  def signature_of(model, flags):
-    monkeypatch.setattr(host, "cpuinfo", lambda: {"model name": "AMD EPYC", "cpu family": "25",
-                                                 "model": model, "flags": flags})
-    return host.cpu_signature.__wrapped__()
-  zen4, zen3 = signature_of("17", "avx2 avx512f"), signature_of("1", "avx2")
-  assert zen4 != zen3 and "avx512f" in zen4
-  monkeypatch.setattr(host, "cpuinfo", dict)  # No /proc/cpuinfo (macOS): platform facts.
-  assert host.cpu_signature.__wrapped__()
-  monkeypatch.undo()  # (Never fill the process-wide cache with a patched value.)
-  assert host.cpu_signature() == host.cpu_signature.__wrapped__()
+  """Two VMs named "AMD EPYC": a Zen 4 with AVX-512 and a Zen 3 without; two ARM cores
+  (no model name or flags there). Code compiled for one (XLA:CPU programs, the native
+  kernel) must not be keyed like the other's; per-core fields must not matter."""
+  def signature_of(**fields):
+    monkeypatch.setattr(host, "_SIGNATURE", None)
+    monkeypatch.setattr(host, "cpuinfo", lambda: fields)
+    return host.cpu_signature()
+  x86 = {"model name": "AMD EPYC", "cpu family": "25"}
+  zen4 = signature_of(**x86, model="17", flags="avx2 avx512f", processor="0")
+  assert zen4 == signature_of(**x86, model="17", flags="avx2 avx512f", processor="1",
+                              **{"cpu MHz": "2445.4", "bogomips": "4890.80"})
+  assert signature_of(**x86, model="1", flags="avx2") != zen4
+  arm = {"CPU implementer": "0x41", "Features": "fp asimd sve"}
+  assert signature_of(**arm, **{"CPU part": "0xd40"}) != signature_of(**arm, **{"CPU part": "0xd0c"})
+  # No /proc/cpuinfo (macOS), or a failed read: platform facts, and read again next time.
+  assert signature_of() == f"{platform.machine()} {platform.processor()}"
+  assert host._SIGNATURE is None  # pylint: disable=protected-access
+
+
+def test_jax_cache_is_kept_per_cpu_type(tmp_path, monkeypatch):
+  """On CPU, JAX's persistent cache goes to a subdirectory per CPU type; executables
+  for another machine type never share it (JAX's key omits host features)."""
+  from flexi import train_loop  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(train_loop.jax, "default_backend", lambda: "cpu")
+  here = train_loop.jax_cache_dir(str(tmp_path))
+  assert os.path.dirname(here) == str(tmp_path)
+  assert os.path.basename(here).startswith("cpu-")
+  monkeypatch.setattr(host, "cpu_signature", lambda: "flags: avx2")
+  assert train_loop.jax_cache_dir(str(tmp_path)) != here
+  monkeypatch.setattr(train_loop.jax, "default_backend", lambda: "gpu")
+  assert train_loop.jax_cache_dir(str(tmp_path)) == str(tmp_path)
 
 _CHILD = """
 import ctypes, json, os, resource, sys
@@ -115,16 +134,3 @@ def test_multi_process_launch_without_a_coordinator_is_a_clear_error(monkeypatch
   monkeypatch.setenv("JAX_PROCESS_ID", "1")
   with pytest.raises(ValueError, match="2 processes need a coordinator"):
     distributed.initialize()
-
-
-def test_jax_cache_is_kept_per_cpu_type(tmp_path, monkeypatch):
-  """On CPU, JAX's persistent cache goes to a subdirectory per CPU type; executables
-  for another machine type never share it (JAX's key omits host features)."""
-  from flexi import train_loop  # pylint: disable=import-outside-toplevel
-  here = train_loop.jax_cache_dir(str(tmp_path))
-  assert os.path.dirname(here) == str(tmp_path)
-  assert os.path.basename(here).startswith("cpu-")
-  monkeypatch.setattr(host, "cpu_signature", lambda: "flags: avx2")
-  assert train_loop.jax_cache_dir(str(tmp_path)) != here
-  monkeypatch.setattr(train_loop.jax, "default_backend", lambda: "gpu")
-  assert train_loop.jax_cache_dir(str(tmp_path)) == str(tmp_path)
