@@ -142,6 +142,13 @@ class LazyEvaluator:
       yield f"{self.name}/{metric}", value
 
 
+def require_options(name, kind, kwargs, keys=("data", "pp_fn")):
+  """Each evaluator's validate(): the options it cannot run without, named in the error."""
+  for key in keys:
+    if key not in kwargs:
+      raise ValueError(f"config.evals.{name} ({kind}) needs {key!r}")
+
+
 def _check_options(name, kind, cls, kwargs):
   """A misspelt option fails when the config is built, not at the first eval hours in."""
   params = inspect.signature(cls.__init__).parameters

@@ -52,9 +52,7 @@ class Evaluator:
 
   @classmethod
   def validate(cls, name, kwargs, predict_fns):
-    for key in ("data", "pp_fn"):
-      if key not in kwargs:
-        raise ValueError(f"config.evals.{name} (classification) needs {key!r}")
+    evaluators.require_options(name, "classification", kwargs)
     cls.pred_names(kwargs.get("pred"), kwargs.get("preds"), predict_fns)
 
   def _batches(self):

@@ -134,9 +134,7 @@ class Evaluator:
 
   @classmethod
   def validate(cls, name, kwargs, predict_fns):
-    for key in ("data", "pp_fn"):
-      if key not in kwargs:
-        raise ValueError(f"config.evals.{name} (distance) needs {key!r}")
+    evaluators.require_options(name, "distance", kwargs)
     teacher = kwargs.get("teacher_pred", "predict_prof")
     if teacher not in predict_fns:
       raise ValueError(f"config.evals.{name}: unknown teacher_pred {teacher!r}; "

@@ -86,9 +86,7 @@ class _Base:
 
   @classmethod
   def validate(cls, name, kwargs, predict_fns):
-    for key in cls.REQUIRED:
-      if key not in kwargs:
-        raise ValueError(f"config.evals.{name} ({cls.TYPE}) needs {key!r}")
+    evaluators.require_options(name, cls.TYPE, kwargs, cls.REQUIRED)
     classification.Evaluator.pred_names(kwargs.get("pred"), kwargs.get("preds"), predict_fns)
 
   def _batches(self):

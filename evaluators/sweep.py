@@ -174,9 +174,7 @@ class Evaluator:
 
   @classmethod
   def validate(cls, name, kwargs, predict_fns):
-    for key in ("data", "pp_fn"):
-      if key not in kwargs:
-        raise ValueError(f"config.evals.{name} (sweep) needs {key!r}")
+    evaluators.require_options(name, "sweep", kwargs)
     names = pred_names(kwargs.get("patch_sizes"), kwargs.get("seqhws"), kwargs.get("preds"),
                        predict_fns)
     ensemble_members(kwargs.get("ensembles"), names)

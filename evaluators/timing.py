@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import evaluators
 from evaluators import register
 from evaluators import sweep as sweep_lib
 from flexi import sharding
@@ -58,8 +59,7 @@ class Evaluator:
 
   @classmethod
   def validate(cls, name, kwargs, predict_fns):
-    if "image_size" not in kwargs:
-      raise ValueError(f"config.evals.{name} (timing) needs 'image_size'")
+    evaluators.require_options(name, "timing", kwargs, ("image_size",))
     sweep_lib.pred_names(kwargs.get("patch_sizes"), kwargs.get("seqhws"),
                          kwargs.get("preds"), predict_fns)
 

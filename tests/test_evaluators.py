@@ -390,3 +390,17 @@ def test_cka_evaluator_across_patch_sizes(setup, tmp_path):
                                         batches=_batches(setup))
   with pytest.raises(ValueError, match="returns no 'blocks'"):
     dict(no_blocks.run({"params": setup["params"]}))
+
+
+@pytest.mark.parametrize("kind, kwargs, missing", [
+    ("classification", dict(data={}), "pp_fn"),
+    ("distance", dict(pp_fn=""), "data"),
+    ("sweep", dict(data={}), "pp_fn"),
+    ("retrieval", dict(pp_fn=""), "data"),
+    ("zeroshot", dict(data={}, pp_fn=""), "pp_txt"),
+    ("timing", dict(patch_sizes=(8,)), "image_size"),
+])
+def test_missing_required_option_names_the_eval_and_the_option(kind, kwargs, missing):
+  """Config typos fail when the evaluators are built, naming config.evals.<name>."""
+  with pytest.raises(ValueError, match=rf"config\.evals\.ev \({kind}\) needs '{missing}'"):
+    evaluators.build_evaluators({"ev": dict(type=kind, **kwargs)}, {}, ctx=None, batch_size=8)
