@@ -103,8 +103,10 @@ _BLOCKED_MIN_SCORES = 192 * 192  # Below this many scores per head flax's is fas
 
 
 def _native_fits(query, mask, dtype):
-  """The fused CPU kernel serves this call: unmasked float32 on one CPU device (it has
-  no sharding rule, so on a mesh XLA would gather its inputs) and it builds here."""
+  """The fused CPU kernel serves this call: unmasked float32 on one CPU device, and it
+  builds here. On a mesh it runs per shard (flexi/native_attention.py), but jaxlib
+  0.10.2 cannot serialise such programs, so neither JAX's persistent cache nor the
+  executable cache would keep them: "auto" leaves meshes to XLA's attention."""
   compute = jnp.dtype(dtype or query.dtype)
   return (mask is None and compute == jnp.float32 and query.ndim == 4
           and jax.device_count() == 1 and native.available())

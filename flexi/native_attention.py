@@ -14,6 +14,9 @@ g++) against jaxlib's FFI headers and the `scipy-openblas32` wheel, and cached u
 compiler, the versions and paths of jaxlib and OpenBLAS, and the CPU's feature flags
 (it is built with -march=native).
 CPU only; `attention="auto"` uses it on a single-device CPU backend when it builds.
+`attention="native"` also runs on a mesh: each device on its shard of the batch and
+heads (`custom_partitioning`; such programs are not serialisable with jaxlib 0.10.2,
+so restarts compile them afresh).
 """
 import contextlib
 import ctypes
@@ -29,6 +32,8 @@ import threading
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec
 
 from flexi import host
 
@@ -178,23 +183,92 @@ def _shapes(*arrays):
   return tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays)
 
 
+def _forward_call(q, k, v):
+  b, n, h, _ = q.shape
+  return jax.ffi.ffi_call(
+      _FORWARD, (*_shapes(q), jax.ShapeDtypeStruct((b, h, n), q.dtype)),
+      vmap_method="sequential")(q, k, v)
+
+
+def _backward_call(q, k, v, out, lse, d_out):
+  return tuple(jax.ffi.ffi_call(_BACKWARD, _shapes(q, k, v), vmap_method="sequential")(
+      q, k, v, out, lse, d_out))
+
+
+# On a mesh: every (example, head) slice is independent, so each device runs the kernel
+# on its own shard of the batch and head axes; tokens and the head dimension are
+# gathered if they were sharded (`need_replication`). Without this rule XLA would
+# gather the whole batch onto every device.
+def _batch_and_heads(sharding):
+  spec = (*sharding.spec, None, None, None, None)
+  return spec[0], spec[2]
+
+
+def _token_sharding(mesh, b, h):
+  return NamedSharding(mesh, PartitionSpec(b, None, h, None))
+
+
+def _mesh_shardings(mesh, arg_shapes):
+  """(q-like, lse-like) shardings on `mesh` from q's batch and head axes."""
+  b, h = _batch_and_heads(arg_shapes[0].sharding)
+  return _token_sharding(mesh, b, h), NamedSharding(mesh, PartitionSpec(b, h, None))
+
+
+def _infer_forward(mesh, arg_shapes, result_shape):
+  del result_shape
+  return _mesh_shardings(mesh, arg_shapes)
+
+
+def _partition_forward(mesh, arg_shapes, result_shape):
+  x, lse = _infer_forward(mesh, arg_shapes, result_shape)
+  return mesh, _forward_call, (x, lse), (x, x, x)
+
+
+def _infer_backward(mesh, arg_shapes, result_shape):
+  del result_shape
+  x, _ = _mesh_shardings(mesh, arg_shapes)
+  return x, x, x
+
+
+def _partition_backward(mesh, arg_shapes, result_shape):
+  del result_shape
+  x, lse = _mesh_shardings(mesh, arg_shapes)
+  return mesh, _backward_call, (x, x, x), (x, x, x, x, lse, x)
+
+
+# Factors are numbered by first appearance (b n h d m); the rule lists them sorted.
+_forward_on_mesh = custom_partitioning(_forward_call)
+_forward_on_mesh.def_partition(
+    partition=_partition_forward, infer_sharding_from_operands=_infer_forward,
+    sharding_rule="b n h d, b m h d, b m h d -> b n h d, b h n",
+    need_replication_factors=("n", "d", "m"))
+_backward_on_mesh = custom_partitioning(_backward_call)
+_backward_on_mesh.def_partition(
+    partition=_partition_backward, infer_sharding_from_operands=_infer_backward,
+    sharding_rule=("b n h d, b m h d, b m h d, b n h d, b h n, b n h d -> "
+                   "b n h d, b m h d, b m h d"),
+    need_replication_factors=("n", "d", "m"))
+
+
+def _on_mesh() -> bool:
+  # One device: the plain call. custom_partitioning puts a per-process pointer into the
+  # program (JAX's persistent cache cannot recognise it across restarts) and JAX's
+  # lowering keeps local closures in it (the executable cache cannot pickle it).
+  return jax.device_count() > 1
+
+
 @jax.custom_vjp
 def _attend(q, k, v):
   return _forward(q, k, v)[0]
 
 
 def _forward(q, k, v):
-  b, n, h, _ = q.shape
-  out, lse = jax.ffi.ffi_call(
-      _FORWARD, (*_shapes(q), jax.ShapeDtypeStruct((b, h, n), q.dtype)),
-      vmap_method="sequential")(q, k, v)
+  out, lse = (_forward_on_mesh if _on_mesh() else _forward_call)(q, k, v)
   return out, (q, k, v, out, lse)
 
 
 def _backward(residuals, d_out):
-  q, k, v = residuals[:3]
-  return tuple(jax.ffi.ffi_call(_BACKWARD, _shapes(q, k, v), vmap_method="sequential")(
-      *residuals, d_out))
+  return (_backward_on_mesh if _on_mesh() else _backward_call)(*residuals, d_out)
 
 
 _attend.defvjp(_forward, _backward)

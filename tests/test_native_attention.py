@@ -53,14 +53,27 @@ def test_native_equals_flax_with_gradients(n_q, n_k, heads, dim):
     assert float(jnp.abs(b).max()) > 1e-2  # The gradient is not trivially zero.
 
 
-def test_native_under_a_mesh_equals_flax():
-  """On a sharded batch XLA gathers the kernel's inputs (no partitioning rule): the
-  values stay right, which is why "auto" only picks it on one device."""
-  mesh = jax.make_mesh((jax.device_count(),), ("data",))
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  q, k, v = (jax.device_put(t, sharding) for t in _qkv(9, 9, 2, 8, batch=jax.device_count()))
-  got = jax.jit(native.native_attention)(q, k, v)
-  np.testing.assert_allclose(got, nn.dot_product_attention(q, k, v), rtol=1e-5, atol=2e-6)
+@pytest.mark.parametrize("spec", [("data",), ("data", None, "model")])
+def test_native_on_a_mesh_runs_on_each_shard(spec):
+  """Batch (and heads) sharded: each device runs the kernel on its shard, forward and
+  backward, with no collective (no gathered batch), and the values equal flax's."""
+  mesh = jax.make_mesh((4, 2), ("data", "model"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+  q, k, v = _qkv(9, 9, 4, 8, batch=8)
+  weights = jax.random.normal(jax.random.PRNGKey(9), q.shape)
+  loss = lambda f: lambda *qkv: jnp.sum(f(*qkv) * weights)  # noqa: E731
+  want = jax.grad(loss(nn.dot_product_attention), argnums=(0, 1, 2))(q, k, v)
+  sharded = [jax.device_put(t, sharding) for t in (q, k, v)]
+  grad = jax.jit(jax.grad(loss(native.native_attention), argnums=(0, 1, 2)))
+  program = grad.lower(*sharded).compile().as_text()
+  assert "flexi_attention_backward" in program
+  assert not any(op in program for op in ("all-gather", "all-to-all", "all-reduce"))
+  for name, got, expect in zip("qkv", grad(*sharded), want):
+    assert got.sharding.is_equivalent_to(sharding, 4), name
+    np.testing.assert_allclose(got, expect, rtol=1e-4, atol=2e-5, err_msg=f"d{name}")
+  out = jax.jit(native.native_attention)(*sharded)
+  np.testing.assert_allclose(out, nn.dot_product_attention(q, k, v), rtol=1e-5, atol=3e-6)
 
 
 def _uses_kernel(fn, *args):
