@@ -63,12 +63,18 @@ class MinibatchCKA:
 class Evaluator:
   """Minibatch CKA between patch sizes, per encoder block and for the pooled output."""
 
+  @classmethod
+  def validate(cls, name, kwargs, predict_fns):
+    evaluators.require_options(name, "cka", kwargs)
+    sweep.pred_names(kwargs.get("patch_sizes"), kwargs.get("seqhws"), kwargs.get("preds"),
+                     predict_fns)
+
   def __init__(self, predict_fns, ctx, *, data=None, pp_fn=None, patch_sizes=None,
                seqhws=None, preds=None, batch_size=None, max_examples=1024,
                out_name="cka", plot=True, batches=None):
     self.names = sweep.pred_names(patch_sizes, seqhws, preds, predict_fns)
     if batches is None and (data is None or pp_fn is None):
-      raise ValueError("cka evaluator needs `data` and `pp_fn`")
+      raise ValueError("cka evaluator needs `data` and `pp_fn`")  # (or `batches`, in code)
     self.data, self.pp_fn, self.ctx, self.batches_fn = data, pp_fn, ctx, batches
     self.batch_size = int(batch_size or ctx.default_batch_size)
     sharding.check_batch_size(self.batch_size, ctx.mesh, ctx.batch_axes)

@@ -200,7 +200,7 @@ def _backward_call(q, k, v, out, lse, d_out):
 # gathered if they were sharded (`need_replication`). Without this rule XLA would
 # gather the whole batch onto every device.
 def _batch_and_heads(sharding):
-  spec = (*sharding.spec, None, None, None, None)
+  spec = (*getattr(sharding, "spec", ()), None, None, None, None)  # Not named: replicate.
   return spec[0], spec[2]
 
 
@@ -236,24 +236,29 @@ def _partition_backward(mesh, arg_shapes, result_shape):
   return mesh, _backward_call, (x, x, x), (x, x, x, x, lse, x)
 
 
-# Factors are numbered by first appearance (b n h d m); the rule lists them sorted.
-_forward_on_mesh = custom_partitioning(_forward_call)
-_forward_on_mesh.def_partition(
-    partition=_partition_forward, infer_sharding_from_operands=_infer_forward,
-    sharding_rule="b n h d, b m h d, b m h d -> b n h d, b h n",
-    need_replication_factors=("n", "d", "m"))
-_backward_on_mesh = custom_partitioning(_backward_call)
-_backward_on_mesh.def_partition(
-    partition=_partition_backward, infer_sharding_from_operands=_infer_backward,
-    sharding_rule=("b n h d, b m h d, b m h d, b n h d, b h n, b n h d -> "
-                   "b n h d, b m h d, b m h d"),
-    need_replication_factors=("n", "d", "m"))
+@functools.lru_cache(maxsize=None)
+def _mesh_calls():
+  """(forward, backward) for multi-device hosts, built on first use. Factors are
+  numbered by first appearance (b n h d m); the replication list is sorted by them."""
+  forward = custom_partitioning(_forward_call)
+  forward.def_partition(
+      partition=_partition_forward, infer_sharding_from_operands=_infer_forward,
+      sharding_rule="b n h d, b m h d, b m h d -> b n h d, b h n",
+      need_replication_factors=("n", "d", "m"))
+  backward = custom_partitioning(_backward_call)
+  backward.def_partition(
+      partition=_partition_backward, infer_sharding_from_operands=_infer_backward,
+      sharding_rule=("b n h d, b m h d, b m h d, b n h d, b h n, b n h d -> "
+                     "b n h d, b m h d, b m h d"),
+      need_replication_factors=("n", "d", "m"))
+  return forward, backward
 
 
 def _on_mesh() -> bool:
   # One device: the plain call. custom_partitioning puts a per-process pointer into the
-  # program (JAX's persistent cache cannot recognise it across restarts) and JAX's
-  # lowering keeps local closures in it (the executable cache cannot pickle it).
+  # program (JAX's persistent cache misses it across restarts), JAX's lowering keeps
+  # local closures in it (the executable cache cannot pickle it), and it has no vmap
+  # rule (on a multi-device host vmap a model with attention="auto" or "flax").
   return jax.device_count() > 1
 
 
@@ -263,12 +268,12 @@ def _attend(q, k, v):
 
 
 def _forward(q, k, v):
-  out, lse = (_forward_on_mesh if _on_mesh() else _forward_call)(q, k, v)
+  out, lse = (_mesh_calls()[0] if _on_mesh() else _forward_call)(q, k, v)
   return out, (q, k, v, out, lse)
 
 
 def _backward(residuals, d_out):
-  return (_backward_on_mesh if _on_mesh() else _backward_call)(*residuals, d_out)
+  return (_mesh_calls()[1] if _on_mesh() else _backward_call)(*residuals, d_out)
 
 
 _attend.defvjp(_forward, _backward)

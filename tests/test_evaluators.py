@@ -399,6 +399,7 @@ def test_cka_evaluator_across_patch_sizes(setup, tmp_path):
     ("retrieval", dict(pp_fn=""), "data"),
     ("zeroshot", dict(data={}, pp_fn=""), "pp_txt"),
     ("timing", dict(patch_sizes=(8,)), "image_size"),
+    ("cka", dict(data={}, patch_sizes=(8,)), "pp_fn"),
 ])
 def test_missing_required_option_names_the_eval_and_the_option(kind, kwargs, missing):
   """Config typos fail when the evaluators are built, naming config.evals.<name>."""
