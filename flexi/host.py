@@ -57,8 +57,8 @@ def cpuinfo(path: str = "/proc/cpuinfo") -> dict:
           break  # The first CPU's block ends here.
         key, _, value = line.partition(":")
         fields[key.strip()] = value.strip()
-  except OSError:
-    pass
+  except OSError:  # No such file (macOS, Windows); cpu_signature falls back to `platform`.
+    return {}
   return fields
 
 

@@ -204,14 +204,11 @@ def _batch_and_heads(sharding):
   return spec[0], spec[2]
 
 
-def _token_sharding(mesh, b, h):
-  return NamedSharding(mesh, PartitionSpec(b, None, h, None))
-
-
 def _mesh_shardings(mesh, arg_shapes):
   """(q-like, lse-like) shardings on `mesh` from q's batch and head axes."""
   b, h = _batch_and_heads(arg_shapes[0].sharding)
-  return _token_sharding(mesh, b, h), NamedSharding(mesh, PartitionSpec(b, h, None))
+  return (NamedSharding(mesh, PartitionSpec(b, None, h, None)),
+          NamedSharding(mesh, PartitionSpec(b, h, None)))
 
 
 def _infer_forward(mesh, arg_shapes, result_shape):

@@ -79,6 +79,7 @@ def test_jax_cache_is_kept_per_cpu_type(tmp_path, monkeypatch):
   monkeypatch.setattr(train_loop.jax, "default_backend", lambda: "gpu")
   assert train_loop.jax_cache_dir(str(tmp_path)) == str(tmp_path)
 
+
 _CHILD = """
 import ctypes, json, os, resource, sys
 from flexi import host
