@@ -112,6 +112,7 @@ class _RefEncoder(vit.Encoder):
 class _RefModel(vit._Model):  # pylint: disable=protected-access
   embedding_cls = ConvPatchify
   encoder_cls = _RefEncoder
+  add_posemb = staticmethod(jnp.add)
   posemb_resize = staticmethod(image_resize_posemb)
 
 

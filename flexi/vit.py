@@ -306,6 +306,7 @@ class _Model(nn.Module):
   embedding_cls = Patchify
   encoder_cls = Encoder
   posemb_resize = staticmethod(resize.resample_posemb)  # (posemb, new_hw, old_hw=)
+  add_posemb = staticmethod(fused_ops.add_to_each_example)  # x + pe; reference: jnp.add.
 
   def resolve_patch_size(self, image_hw, patch_size=None, seqhw=None):
     """The patch size of a call: given directly, from a token grid, or the stored one."""
@@ -343,7 +344,7 @@ class _Model(nn.Module):
     n, h, w, c = x.shape
     x = jnp.reshape(x, (n, h * w, c))
     # Position embedding is added BEFORE the [cls] token is prepended (big_vision).
-    x = out["with_posemb"] = x + self._posemb((h, w), c).astype(x.dtype)
+    x = out["with_posemb"] = self.add_posemb(x, self._posemb((h, w), c).astype(x.dtype))
     if self.pool_type == "tok":
       cls = self.param("cls", nn.initializers.zeros, (1, 1, c), jnp.float32)
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), [n, 1, 1]), x], axis=1)

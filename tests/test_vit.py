@@ -204,6 +204,26 @@ def test_fused_layer_norm_and_gelu_equal_flax_values_and_gradients():
           and fused_ops.LayerNorm(dtype=jnp.bfloat16).apply(v, x).dtype == jnp.bfloat16)
 
 
+def test_posemb_add_gradient_is_autodiffs_batch_sum():
+  from flexi import fused_ops  # pylint: disable=import-outside-toplevel
+  x = jax.random.normal(jax.random.PRNGKey(0), (5, 13, 24))
+  pe = jax.random.normal(jax.random.PRNGKey(1), (1, 13, 24))
+  w = jax.random.normal(jax.random.PRNGKey(2), x.shape)
+  for dtype, tol in ((jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)):
+    xs, pes = x.astype(dtype), pe.astype(dtype)
+    np.testing.assert_array_equal(fused_ops.add_to_each_example(xs, pes), xs + pes)
+    loss = lambda add: lambda x, pe: (add(x, pe).astype(jnp.float32) * w).sum()  # noqa: E731
+    gx, gpe = jax.jit(jax.grad(loss(fused_ops.add_to_each_example), (0, 1)))(xs, pes)
+    rx, rpe = jax.grad(loss(jnp.add), (0, 1))(xs, pes)
+    assert gx.dtype == rx.dtype == dtype and gpe.dtype == rpe.dtype == dtype
+    assert gpe.shape == pe.shape
+    np.testing.assert_array_equal(gx, rx)
+    np.testing.assert_allclose(np.asarray(gpe, np.float32), np.asarray(rpe, np.float32),
+                               rtol=tol, atol=tol * float(np.abs(w.sum(0)).max()))
+    # Not a dead gradient: the sum over the 5 examples, not one of them.
+    assert float(np.abs(np.asarray(gpe, np.float32) - np.asarray(w[:1], np.float32)).max()) > 1
+
+
 def test_matmul_attention_equals_flax_module_params_values_and_gradients():
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 17, 48))
