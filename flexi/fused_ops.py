@@ -107,10 +107,13 @@ def add_to_each_example(x, shared):
   sum, vs ~0.1 ms (docs/benchmarks.md). Same sum, so gradients equal autodiff's to
   float rounding.
   """
-  return x + shared
+  return _add_to_each_fwd(x, shared)[0]
 
 
 def _add_to_each_fwd(x, shared):
+  if shared.ndim != x.ndim or shared.shape[0] != 1:
+    raise ValueError(f"add_to_each_example: `shared` must be (1, ...) like x {x.shape} "
+                     f"without its batch axis, got {shared.shape}")
   return x + shared, shared
 
 

@@ -222,6 +222,8 @@ def test_posemb_add_gradient_is_autodiffs_batch_sum():
                                rtol=tol, atol=tol * float(np.abs(w.sum(0)).max()))
     # Not a dead gradient: the sum over the 5 examples, not one of them.
     assert float(np.abs(np.asarray(gpe, np.float32) - np.asarray(w[:1], np.float32)).max()) > 1
+  with pytest.raises(ValueError, match=r"\(1, \.\.\.\).*got \(13, 24\)"):
+    fused_ops.add_to_each_example(x, pe[0])
 
 
 def test_matmul_attention_equals_flax_module_params_values_and_gradients():
