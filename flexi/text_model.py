@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from flexi import vit
+from flexi import fused_ops, vit
 
 POOL_TYPES = ("last", "first", "gap", "mean", "max", "gmp", "map")
 
@@ -43,7 +43,7 @@ class _Model(nn.Module):
     _, length, d = x.shape
     posemb = self.param("pos_embedding", nn.initializers.normal(stddev=1 / np.sqrt(d)),
                         (1, length, d), jnp.float32)
-    x = x + posemb.astype(x.dtype)
+    x = fused_ops.add_to_each_example(x, posemb.astype(x.dtype))  # See vit._Model.
     x = out["transformed"] = vit.Encoder(
         depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
         dropout=self.dropout, remat=self.remat)(x, not train)
