@@ -1,4 +1,4 @@
-"""LayerNorm and GELU with hand-written backward passes: same numbers, fewer passes.
+"""LayerNorm, GELU and the position-embedding add with hand-written backward passes.
 
 On a bandwidth-bound host these elementwise layers cost as much as a matmul: the
 autodiff of flax's LayerNorm and of the tanh GELU reads and writes each (tokens x
@@ -8,7 +8,8 @@ what it needs; an optimization barrier stops XLA from merging the recomputation
 with the forward (which would store it again). Parameter names, initialisers and the
 forward formulas are flax's (`nn.LayerNorm` with fast variance, `nn.gelu` with the
 tanh approximation), so checkpoints and outputs are unchanged; tests/test_vit.py
-compares values and gradients with flax's.
+compares values and gradients with flax's. The position-embedding add only changes how
+its gradient is summed over the batch (`add_to_each_example`).
 """
 import functools
 from typing import Any
