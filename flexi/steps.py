@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from flexi import exec_cache, sharding
+from flexi import exec_cache, optim, sharding
 
 
 OPTIMIZER_UPDATE = "optimizer_update"  # compile_or_load's name for the shared update.
@@ -72,7 +72,7 @@ def make_train_step(trainer, tx, lr_fn, *, seed: int, frozen=None) -> StepBuild:
     # shape, compiled once instead of once per size (-14% to -27% of a size's compile).
     grads = jax.tree.map(lambda g, p: jnp.zeros_like(p) if g is None else g, grads, params,
                          is_leaf=_is_none)
-    metrics = {"train/lr": lr_fn(step), "train/grad_norm": optax.global_norm(grads)}
+    metrics = {"train/lr": lr_fn(step), "train/grad_norm": optim.global_norm(grads)}
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, metrics
   return StepBuild(grad_step, apply_step, frozen)

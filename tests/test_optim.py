@@ -68,9 +68,30 @@ def test_frozen_and_clipping():
   grads = jax.tree.map(lambda p: 10 * jnp.ones_like(p), params)
   updates, _ = tx.update(grads, tx.init(params), params)
   assert not np.any(updates["embedding"]["kernel"])
-  assert optax.global_norm(updates["head"]) <= 1.0 + 1e-6  # Clipped over ALL grads.
+  assert optax.tree.norm(updates["head"]) <= 1.0 + 1e-6  # Clipped over ALL grads.
   with pytest.raises(ValueError, match="matches no parameter"):
     optim.make_optimizer(_cfg(frozen=["nope/.*"]), params, total_steps=1, warmup_steps=0)
+
+
+def test_global_norm_and_clip_equal_optax_with_small_leaves_grouped():
+  keys = iter(jax.random.split(jax.random.PRNGKey(0), 8))
+  tree = {"big": jax.random.normal(next(keys), (130, 140)),
+          "small": [jax.random.normal(next(keys), (7,)), jax.random.normal(next(keys), (3, 5)),
+                    jnp.zeros((0,))],
+          "bf16": jax.random.normal(next(keys), (40,)).astype(jnp.bfloat16)}
+  want = float(optax.tree.norm(tree))
+  for small in (0, 16, 1 << 14, 1 << 40):  # None grouped, some, all but the big one, all.
+    np.testing.assert_allclose(float(jax.jit(lambda t, s=small: optim.global_norm(t, s))(tree)),
+                               want, rtol=2e-6)
+  assert float(optim.global_norm({})) == 0.0
+  for max_norm in (0.5 * want, 2.0 * want):  # Clipped, then left alone.
+    ours, theirs = optim.clip_by_global_norm(max_norm), optax.clip_by_global_norm(max_norm)
+    assert ours.init(tree) == theirs.init(tree)  # Empty: checkpoints keep their structure.
+    got, _ = jax.jit(ours.update)(tree, ours.init(tree))
+    ref, _ = theirs.update(tree, theirs.init(tree))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(
+        np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-5, atol=1e-7), got, ref)
+    assert float(optax.tree.norm(got)) == pytest.approx(min(max_norm, want), rel=1e-5)
 
 
 @pytest.mark.parametrize("name,kw", [("scale_by_adam", {"mu_dtype": "bfloat16"}),
