@@ -130,11 +130,11 @@ def global_norm(tree, small: int = 1 << 14):
   at every (re)start (docs/benchmarks.md). Same value to float rounding.
   """
   leaves = jax.tree.leaves(tree)
-  squares = [jnp.sum(jnp.square(x)) for x in leaves if x.size > small]
   small_leaves = [jnp.ravel(x) for x in leaves if x.size <= small]
+  grouped = [x for x in leaves if x.size > small]
   if small_leaves:
-    squares.append(jnp.sum(jnp.square(jnp.concatenate(small_leaves))))
-  return jnp.sqrt(sum(squares, jnp.float32(0)))
+    grouped.append(jnp.concatenate(small_leaves))
+  return optax.tree.norm(grouped)
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
