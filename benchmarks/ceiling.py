@@ -20,7 +20,6 @@ step would reach F(whole) / (t(rest) + t(core)) of the peak: the ceiling those k
 set, before any overlap between them. The optimizer update (a separate program shared
 by all sizes, ~5% of a Ti/16 step) is not included.
 """
-import argparse
 import json
 
 import jax
@@ -90,17 +89,7 @@ def measure(variant, p, batch, reps):
 
 
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--variants", default="Ti,S", type=lambda s: s.split(","))
-  parser.add_argument("--patches", default="16,8",
-                      type=lambda s: tuple(int(v) for v in s.split(",")))
-  parser.add_argument("--batch", type=int, default=8)
-  parser.add_argument("--reps", type=int, default=5, help="timed rounds (min is kept)")
-  parser.add_argument("--json", default=None, help="write the rows here")
-  args = parser.parse_args(argv)
-  perf.check_args(parser, args, ("batch", "reps"), args.patches)
-  return args
+  return perf.parse_sizes_args(__doc__, argv)
 
 
 def main(argv=None):

@@ -407,6 +407,8 @@ def section_memory(args):
              "remat+auto-attention": dict(remat=True, attention="auto")}
   if not args.quick:
     configs["scan+remat+auto-attention"] = dict(scan=True, remat=True, attention="auto")
+    configs["scan+remat(dots+attn)+auto-attention"] = dict(
+        scan=True, remat=True, remat_policy="dots_and_attention_saveable", attention="auto")
   for name, kw in configs.items():
     rows[name] = memory.distill_memory(args.mem_batch, 8, **kw)
     log(f"memory B/8 teacher + FlexiViT-B/8 student, batch {args.mem_batch}, {name}: "
@@ -518,8 +520,23 @@ def parse_args(argv=None):
   return args
 
 
+def parse_sizes_args(doc, argv=None):
+  """The arguments of the per-size scripts (benchmarks.ceiling, benchmarks.remat)."""
+  parser = argparse.ArgumentParser(description=doc,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--variants", default="Ti,S", type=lambda s: s.split(","))
+  parser.add_argument("--patches", default="16,8",
+                      type=lambda s: tuple(int(v) for v in s.split(",")))
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--reps", type=int, default=5, help="timed rounds")
+  parser.add_argument("--json", default=None, help="write the rows here")
+  args = parser.parse_args(argv)
+  check_args(parser, args, ("batch", "reps"), args.patches)
+  return args
+
+
 def check_args(parser, args, counts, patches):
-  """One-line parser errors (shared with benchmarks.ceiling): each of `counts` must be
+  """One-line parser errors (shared with the per-size scripts): each of `counts` must be
   >= 1 and every patch size must tile the RES-px image."""
   for name in counts:
     if getattr(args, name) < 1:

@@ -6,6 +6,7 @@ big_vision parameter names are unchanged whichever is used.
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from flexi import native_attention as native
 
@@ -63,6 +64,7 @@ def _sliced_attention(per_block):
 
   def forward(q, k, v):
     out, lse = jax.lax.map(lambda x: _slice_forward(*x), (q, k, v), batch_size=per_block)
+    out, lse = checkpoint_name((out, lse), native.RESIDUALS_NAME)
     return out, (q, k, v, out, lse)
 
   def backward(residuals, d_out):

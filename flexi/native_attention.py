@@ -32,6 +32,7 @@ import threading
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -40,6 +41,10 @@ from flexi import host
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native", "attention.cc")
 _FORWARD, _BACKWARD = "flexi_attention_forward", "flexi_attention_backward"
 _COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-std=c++17", "-w")
+# Name of what the attention forward keeps for its backward (the output and the rows'
+# log-sum-exp), so that a remat policy can save them instead of re-running the forward
+# (vit.REMAT_POLICIES["dots_and_attention_saveable"]). Used by attention.py too.
+RESIDUALS_NAME = "attention_residuals"
 
 
 class NativeAttentionUnavailable(RuntimeError):
@@ -266,6 +271,7 @@ def _attend(q, k, v):
 
 def _forward(q, k, v):
   out, lse = (_mesh_calls()[0] if _on_mesh() else _forward_call)(q, k, v)
+  out, lse = checkpoint_name((out, lse), RESIDUALS_NAME)
   return out, (q, k, v, out, lse)
 
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexi import fused_ops, resize
+from flexi import fused_ops, native_attention, resize
 from flexi.attention import (attention_fn, auto_attention, blocked_attention,  # noqa: F401
                              xla_attention)
 
@@ -100,6 +100,32 @@ class Patchify(nn.Module):
 
 
 GELUS = ("tanh", "erf")
+
+_policies = jax.checkpoint_policies
+# What a rematerialised block (`remat=True`) keeps from its forward pass; the rest is
+# recomputed in the backward pass. big_vision's names (attributes of
+# jax.checkpoint_policies; "nothing_saveable" is its default), plus
+# "dots_and_attention_saveable": the projections' and MLP's matmul outputs and the
+# attention core's output and log-sum-exp ("native"/"blocked"), so only LayerNorm,
+# GELU and the adds are recomputed. With scan=True on CPU it keeps ~38% less than no
+# remat at about the same step time; "nothing_saveable" keeps ~82% less but
+# recomputes the whole block (docs/benchmarks.md).
+REMAT_POLICIES = {
+    "nothing_saveable": _policies.nothing_saveable,
+    "everything_saveable": _policies.everything_saveable,
+    "dots_saveable": _policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": _policies.dots_with_no_batch_dims_saveable,
+    "dots_and_attention_saveable": _policies.save_from_both_policies(
+        _policies.dots_with_no_batch_dims_saveable,
+        _policies.save_only_these_names(native_attention.RESIDUALS_NAME)),
+}
+
+
+def remat_policy(name):
+  """The jax.checkpoint policy called `name` (see REMAT_POLICIES)."""
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat_policy {name!r}; choose one of {sorted(REMAT_POLICIES)}")
+  return REMAT_POLICIES[name]
 
 
 class MlpBlock(nn.Module):
@@ -225,6 +251,7 @@ class Encoder(nn.Module):
   num_heads: int = 12
   dropout: float = 0.0
   remat: bool = False
+  remat_policy: str = "nothing_saveable"  # What remat keeps: see REMAT_POLICIES.
   scan: bool = False
   dtype: Any = None
   attention: str = "flax"
@@ -245,7 +272,8 @@ class Encoder(nn.Module):
               dtype=self.dtype, attention=self.attention, gelu=self.gelu)
     block_cls = self.block_cls
     if self.remat:  # Recompute activations in the backward pass: less peak memory.
-      block_cls = nn.remat(block_cls, static_argnums=(2,), prevent_cse=not self.scan)
+      block_cls = nn.remat(block_cls, static_argnums=(2,), prevent_cse=not self.scan,
+                           policy=remat_policy(self.remat_policy))
     if self.scan:
       stack = nn.scan(block_cls, variable_axes={"params": 0},
                       split_rngs={"params": True, "dropout": True},
@@ -297,6 +325,7 @@ class _Model(nn.Module):
   # only together with scan=True (the unrolled recomputation gets hoisted); measured
   # in docs/benchmarks.md.
   remat: bool = False
+  remat_policy: str = "nothing_saveable"  # What remat keeps (REMAT_POLICIES).
   scan: bool = False  # nn.scan over blocks (fast restarts, remat that works; see Encoder).
   dtype: Optional[str] = None  # Compute dtype, e.g. "bfloat16"; params stay float32.
   attention: str = "flax"  # "flax" (big_vision's), "xla", "blocked" or "auto" (fastest).
@@ -351,7 +380,8 @@ class _Model(nn.Module):
     x = nn.Dropout(rate=self.dropout)(x, not train)
     x = self.encoder_cls(
         depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
-        dropout=self.dropout, remat=self.remat, scan=self.scan, dtype=dtype,
+        dropout=self.dropout, remat=self.remat, remat_policy=self.remat_policy,
+        scan=self.scan, dtype=dtype,
         attention=self.attention, gelu=self.gelu, name="Transformer")(x, not train)
     x = encoded = out["encoded"] = x.astype(jnp.float32)  # Pooling and head in float32.
     if self.pool_type == "map":
@@ -382,8 +412,8 @@ def apply_with_blocks(model, variables, image, **kwargs):
 
 
 _FIELDS = {"patch_size", "posemb_size", "width", "depth", "mlp_dim", "num_heads", "posemb",
-           "pool_type", "head_zeroinit", "dropout", "remat", "scan", "dtype", "attention",
-           "gelu"}
+           "pool_type", "head_zeroinit", "dropout", "remat", "remat_policy", "scan", "dtype",
+           "attention", "gelu"}
 
 
 def Model(num_classes=None, *, variant=None, **kw):  # pylint: disable=invalid-name
@@ -398,6 +428,10 @@ def Model(num_classes=None, *, variant=None, **kw):  # pylint: disable=invalid-n
   attention_fn(cfg.get("attention", "flax"))  # Fail early on a bad name.
   if cfg.get("gelu", "tanh") not in GELUS:
     raise ValueError(f"unknown gelu {cfg['gelu']!r}; choose one of {GELUS}")
+  policy = cfg.get("remat_policy", "nothing_saveable")
+  remat_policy(policy)
+  if policy != "nothing_saveable" and not cfg.get("remat"):
+    raise ValueError(f"remat_policy={policy!r} has no effect without remat=True")
   if cfg.get("dtype") is not None:
     try:
       jnp.dtype(cfg["dtype"])

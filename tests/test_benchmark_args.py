@@ -1,8 +1,8 @@
-"""benchmarks.perf and benchmarks.ceiling: bad arguments are one-line errors that name
+"""benchmarks.perf, .ceiling and .remat: bad arguments are one-line errors that name
 them; the ceiling's FLOP split."""
 import pytest
 
-from benchmarks import ceiling, perf
+from benchmarks import ceiling, perf, remat
 
 
 @pytest.mark.parametrize("script, argv, message", [
@@ -13,6 +13,8 @@ from benchmarks import ceiling, perf
     (ceiling, ["--patches", "16,9"], "patch size(s) [9] do not tile 240px"),
     (ceiling, ["--reps", "0"], "--reps must be >= 1, got 0"),
     (ceiling, ["--batch", "-1"], "--batch must be >= 1, got -1"),
+    (remat, ["--patches", "7"], "patch size(s) [7] do not tile 240px"),
+    (remat, ["--reps", "0"], "--reps must be >= 1, got 0"),
 ])
 def test_bad_arguments_name_the_culprit(script, argv, message, capsys):
   with pytest.raises(SystemExit):
@@ -56,3 +58,12 @@ def test_cpu_record_reads_the_first_cpu_and_its_widest_isa(tmp_path):
   assert perf.cpu_record(str(info))["isa"] == "avx512f"
   record = perf.cpu_record(str(tmp_path / "missing"))  # Not Linux: no /proc/cpuinfo.
   assert record["cpu_family_model"] == "?/?" and record["isa"] is None
+
+
+def test_remat_settings_order_activation_memory():
+  """benchmarks.remat: inside nn.scan, the dots-and-attention policy keeps less than
+  no remat and more than full remat (Ti/48 at batch 1 already shows it)."""
+  rows = remat.measure("Ti", 48, batch=1, reps=1)["rows"]
+  temp = {name: row["temp_bytes"] for name, row in rows.items()}
+  assert temp["scan+remat"] < temp["scan+remat(dots+attn)"] < temp["scan"]
+  assert all(row["min_s"] > 0 for row in rows.values())

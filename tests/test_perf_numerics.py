@@ -104,13 +104,17 @@ def test_blocked_attention_equals_flax_with_gradients(monkeypatch, slices_per_bl
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5, err_msg=f"d{name}")
 
 
+def _grad_fn(images, **model_kw):
+  model = vit.Model(10, **TINY, **model_kw)
+  return jax.jit(jax.grad(lambda p: jnp.mean(jax.nn.log_softmax(model.apply(
+      {"params": p}, images, patch_size=8, train=True)[0])[:, 0])))
+
+
 def test_remat_same_gradients(setup):
   params, images = setup
 
   def grads(model_kw, p):
-    model = vit.Model(10, **TINY, **model_kw)
-    return jax.jit(jax.grad(lambda p: jnp.mean(jax.nn.log_softmax(model.apply(
-        {"params": p}, images, patch_size=8, train=True)[0])[:, 0])))(p)
+    return _grad_fn(images, **model_kw)(p)
 
   want = grads({}, params)
   # Remat and scan may reorder sums. atol is relative to the largest gradient: the key
@@ -125,6 +129,32 @@ def test_remat_same_gradients(setup):
     scanned = grads({"remat": True, "scan": True, "attention": attention},
                     vit.layers_to_scan(params))
     jax.tree.map(close, vit.scan_to_layers(scanned), want)
+  # The policy that keeps matmul outputs and the attention's residuals, on both fused
+  # attentions.
+  for attention in ("native", "blocked"):
+    scanned = grads({"remat": True, "remat_policy": "dots_and_attention_saveable",
+                     "scan": True, "attention": attention}, vit.layers_to_scan(params))
+    jax.tree.map(close, vit.scan_to_layers(scanned), want)
+
+
+def test_remat_policy_decides_what_is_recomputed(setup):
+  params, images = setup
+  scanned = vit.layers_to_scan(params)
+
+  def kernel_forwards(**kw):
+    hlo = _grad_fn(images, scan=True, remat=True, attention="native", **kw).lower(
+        scanned).compile().as_text()
+    return hlo.count('custom_call_target="flexi_attention_forward"')
+  # Full remat runs the attention kernel again in the backward loop; the policy that
+  # saves its output and log-sum-exp does not (as without remat); a dots-only policy
+  # does not save the kernel's outputs.
+  assert kernel_forwards() == 2
+  assert kernel_forwards(remat_policy="dots_and_attention_saveable") == 1
+  assert kernel_forwards(remat_policy="dots_with_no_batch_dims_saveable") == 2
+  with pytest.raises(ValueError, match="unknown remat_policy 'dots'"):
+    vit.Model(10, **TINY, remat=True, remat_policy="dots")
+  with pytest.raises(ValueError, match="'everything_saveable' has no effect without remat"):
+    vit.Model(10, **TINY, remat_policy="everything_saveable")
 
 
 def test_bf16_compute_keeps_fp32_params_and_is_close(setup):

@@ -1,0 +1,89 @@
+r"""Step time and activation memory of the scan / remat / remat-policy settings.
+
+  python -m benchmarks.remat                         # Ti and S at patches 16 and 8
+  python -m benchmarks.remat --variants Ti --patches 16 --reps 9
+
+For each size, the gradient program of our model (`attention="auto"`, batch 8, 240px)
+in each setting, in one process, timed interleaved (min and median of --reps):
+  unrolled            the default: blocks unrolled, no remat;
+  scan                nn.scan over blocks, no remat;
+  scan+remat          nn.scan, each block recomputed in the backward pass
+                      (remat_policy="nothing_saveable", big_vision's);
+  scan+remat(dots+attn)  nn.scan, remat keeping the matmul outputs and the attention
+                      core's residuals (remat_policy="dots_and_attention_saveable").
+Memory is XLA's temporaries for the program (`memory_analysis()`); on XLA:CPU remat
+only lowers it inside nn.scan (docs/benchmarks.md). Gradients of all settings agree
+(tests/test_perf_numerics.py).
+"""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import perf, reference
+from flexi import host, vit
+
+SETTINGS = {
+    "unrolled": {},
+    "scan": dict(scan=True),
+    "scan+remat": dict(scan=True, remat=True),
+    "scan+remat(dots+attn)": dict(scan=True, remat=True,
+                                  remat_policy="dots_and_attention_saveable"),
+}
+
+
+def _program(variant, p, images, labels, **kw):
+  model = vit.Model(1000, variant=variant, pool_type="tok", attention="auto", **kw)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, perf.RES, perf.RES, 3)))
+  grad = jax.jit(jax.grad(lambda params: reference.xent_loss(
+      model, params, images, labels, (p, p))))
+  compiled = grad.lower(params["params"]).compile()
+  return compiled, params["params"]
+
+
+def measure(variant, p, batch, reps):
+  images, labels = perf.synthetic_batch(batch)
+  programs = {name: _program(variant, p, images, labels, **kw)
+              for name, kw in SETTINGS.items()}
+  calls = {name: (lambda c=c, params=params: c(params)) for name, (c, params) in programs.items()}
+  for call in calls.values():
+    jax.block_until_ready(call())  # Warm up.
+  secs = {name: [] for name in calls}
+  for _ in range(reps):  # Interleaved: the machine's speed drifts.
+    for name, call in calls.items():
+      secs[name].append(perf.best_of(call, 1))
+  rows = {}
+  for name, (compiled, _) in programs.items():
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    rows[name] = dict(temp_bytes=temp, min_s=min(secs[name]),
+                      median_s=float(np.median(secs[name])))
+    perf.log(f"{variant}/{p} {name}: {rows[name]['min_s'] * 1e3:.0f} ms (median "
+             f"{rows[name]['median_s'] * 1e3:.0f}), temporaries {temp / 2 ** 20:.0f} MiB")
+  return dict(variant=variant, patch=p, batch=batch, rows=rows)
+
+
+def parse_args(argv=None):
+  return perf.parse_sizes_args(__doc__, argv)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  perf.log("machine:", perf.machine())
+  results = [measure(v, p, args.batch, args.reps) for v in args.variants for p in args.patches]
+  perf.log("\n| step | " + " | ".join(SETTINGS) + " |\n|---|" + "---|" * len(SETTINGS))
+  for r in results:
+    base = r["rows"]["unrolled"]
+    cells = [f"{row['min_s'] / base['min_s']:.2f}x, {row['temp_bytes'] / 2 ** 20:.0f} MiB"
+             for row in r["rows"].values()]
+    perf.log(f"| {r['variant']}/{r['patch']} | " + " | ".join(cells) + " |")
+  perf.log("(step time relative to unrolled, min of --reps; XLA's temporaries)")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(dict(machine=perf.machine(), args=vars(args), results=results), f, indent=1)
+  return results
+
+
+if __name__ == "__main__":
+  host.reexec_with_hugepages()  # As the trainers and benchmarks.perf run (flexi/host.py).
+  main()
