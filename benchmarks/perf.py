@@ -226,6 +226,8 @@ def section_step(args, variant):
   batch = synthetic_batch(args.batch)
   params = init_params(variant)
   ours_kw = dict(OURS, scan=args.scan)
+  if args.remat_policy:
+    ours_kw.update(remat=True, remat_policy=args.remat_policy)
   ours_model = vit.Model(1000, variant=variant, pool_type="tok", **ours_kw)
   ref_model = reference.Model(1000, variant=variant, pool_type="tok")
   ours_params = vit.layers_to_scan(params) if args.scan else params
@@ -238,7 +240,7 @@ def section_step(args, variant):
   compiled, ours_compile = compile_all(ours_model, tx, ours_state[0], ours_state[1], batch,
                                        args.patches, args.threads)
   log(f"{variant}: ours compiled {len(args.patches)} sizes in {ours_compile:.1f}s "
-      f"({args.threads} threads, scan={args.scan})")
+      f"({args.threads} threads, scan={args.scan}, remat_policy={args.remat_policy})")
   ref_step = reference.lazy_train_step(ref_model, tx)
 
   def updates_for(p):
@@ -500,6 +502,8 @@ def parse_args(argv=None):
                       help="rounds of the compile section (min is reported)")
   parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
   parser.add_argument("--scan", action="store_true", help="ours with nn.scan blocks")
+  parser.add_argument("--remat-policy", default=None, choices=sorted(vit.REMAT_POLICIES),
+                      help="step section: ours with remat=True and this policy")
   parser.add_argument("--mem-batch", type=int, default=8)
   parser.add_argument("--json", default=None, help="write all results here")
   parser.add_argument("--cache-child", action="store_true", help=argparse.SUPPRESS)

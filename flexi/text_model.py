@@ -30,6 +30,7 @@ class _Model(nn.Module):
   vocab_size: int = 32_000
   pool_type: str = "last"  # "last" expects sticky-eos tokens padded with eos (big_vision).
   remat: bool = False
+  remat_policy: str = "nothing_saveable"  # What remat keeps (vit.REMAT_POLICIES).
 
   @nn.compact
   def __call__(self, text, *, train=False):
@@ -46,7 +47,7 @@ class _Model(nn.Module):
     x = fused_ops.add_to_each_example(x, posemb.astype(x.dtype))  # See vit._Model.
     x = out["transformed"] = vit.Encoder(
         depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
-        dropout=self.dropout, remat=self.remat)(x, not train)
+        dropout=self.dropout, remat=self.remat, remat_policy=self.remat_policy)(x, not train)
     if self.pool_type == "last":
       x = x[:, -1]
     elif self.pool_type == "first":
@@ -64,7 +65,7 @@ class _Model(nn.Module):
 
 
 _FIELDS = {"width", "depth", "mlp_dim", "num_heads", "dropout", "vocab_size", "pool_type",
-           "remat"}
+           "remat", "remat_policy"}
 
 
 def Model(num_classes=None, *, variant=None, **kw):  # pylint: disable=invalid-name
@@ -74,4 +75,5 @@ def Model(num_classes=None, *, variant=None, **kw):  # pylint: disable=invalid-n
     raise ValueError(f"unknown text model option(s) {sorted(unknown)}; known: {sorted(_FIELDS)}")
   cfg = {**vit.decode_variant(variant), **kw}
   cfg.pop("patch_size", None)
+  vit.check_remat_options(cfg)
   return _Model(num_classes, **cfg)

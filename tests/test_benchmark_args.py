@@ -10,6 +10,7 @@ from benchmarks import ceiling, perf, remat
     (perf, ["--patches", "16,7"], "patch size(s) [7] do not tile 240px"),
     (perf, ["--mix-rounds", "-1"], "--mix-rounds must be >= 1, got -1"),
     (perf, ["--steps", "-2"], "--steps must be >= 1, got -2"),
+    (perf, ["--remat-policy", "dots"], "argument --remat-policy: invalid choice: 'dots'"),
     (ceiling, ["--patches", "16,9"], "patch size(s) [9] do not tile 240px"),
     (ceiling, ["--reps", "0"], "--reps must be >= 1, got 0"),
     (ceiling, ["--batch", "-1"], "--batch must be >= 1, got -1"),

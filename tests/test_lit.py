@@ -210,6 +210,17 @@ def test_bad_batches_and_eval_configs(setup):
     text_model.Model(8, variant="mu").init(jax.random.PRNGKey(0), jnp.zeros((2, 3, 4), jnp.int32))
   with pytest.raises(ValueError, match="unknown text model option.*'widht'"):
     text_model.Model(8, widht=3)
+  with pytest.raises(ValueError, match="unknown remat_policy 'dot'"):
+    text_model.Model(8, remat=True, remat_policy="dot")
+  with pytest.raises(ValueError, match="'dots_saveable' has no effect without remat=True"):
+    text_model.Model(8, remat_policy="dots_saveable")
+  # A known policy builds and runs (the text tower is unrolled: its effect is on memory).
+  text = text_model.Model(8, variant="mu", remat=True, remat_policy="dots_and_attention_saveable")
+  variables = text.init(jax.random.PRNGKey(0), jnp.zeros((2, 5), jnp.int32))
+  plain = text_model.Model(8, variant="mu")
+  tokens = jnp.arange(10, dtype=jnp.int32).reshape(2, 5)
+  np.testing.assert_allclose(text.apply(variables, tokens)[0], plain.apply(variables, tokens)[0],
+                             rtol=1e-6, atol=1e-6)
   fns = {"predict": None, "predict_patch_size=8": None}
   with pytest.raises(ValueError, match=r"config.evals.zs \(zeroshot\) needs 'pp_txt'"):
     retrieval.ZeroShotEvaluator.validate("zs", {"data": {}, "pp_fn": ""}, fns)
