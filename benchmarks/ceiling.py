@@ -20,7 +20,6 @@ step would reach F(whole) / (t(rest) + t(core)) of the peak: the ceiling those k
 set, before any overlap between them. The optimizer update (a separate program shared
 by all sizes, ~5% of a Ti/16 step) is not included.
 """
-import json
 
 import jax
 import jax.numpy as jnp
@@ -92,19 +91,15 @@ def parse_args(argv=None):
   return perf.parse_sizes_args(__doc__, argv)
 
 
+def _table_row(r):
+  return (f"| {r['variant']}/{r['patch']} | {r['frac_whole']:.0%} | {r['frac_rest']:.0%} | "
+          f"{r['frac_core']:.0%} ({r['core_share_of_flops']:.0%}) | {r['ceiling']:.0%} |")
+
+
 def main(argv=None):
-  args = parse_args(argv)
-  perf.log("machine:", perf.machine())
-  rows = [measure(v, p, args.batch, args.reps) for v in args.variants for p in args.patches]
-  perf.log("\n| step | whole: FLOP/s / peak | rest (no attention core) | attention core "
-           "(share of FLOPs) | ceiling: rest + core |\n|---|---|---|---|---|")
-  for r in rows:
-    perf.log(f"| {r['variant']}/{r['patch']} | {r['frac_whole']:.0%} | {r['frac_rest']:.0%} | "
-             f"{r['frac_core']:.0%} ({r['core_share_of_flops']:.0%}) | {r['ceiling']:.0%} |")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(dict(machine=perf.machine(), args=vars(args), rows=rows), f, indent=1)
-  return rows
+  header = ("| step | whole: FLOP/s / peak | rest (no attention core) | attention core "
+            "(share of FLOPs) | ceiling: rest + core |\n|---|---|---|---|---|")
+  return perf.run_per_size(parse_args(argv), measure, header, _table_row)
 
 
 if __name__ == "__main__":

@@ -539,6 +539,20 @@ def parse_sizes_args(doc, argv=None):
   return args
 
 
+def run_per_size(args, measure, header, table_row):
+  """main() of the per-size scripts: `measure(variant, patch, batch, reps)` for each
+  size, one table row per result, and every result in --json."""
+  log("machine:", machine())
+  rows = [measure(v, p, args.batch, args.reps) for v in args.variants for p in args.patches]
+  log("\n" + header)
+  for row in rows:
+    log(table_row(row))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(dict(machine=machine(), args=vars(args), rows=rows), f, indent=1)
+  return rows
+
+
 def check_args(parser, args, counts, patches):
   """One-line parser errors (shared with the per-size scripts): each of `counts` must be
   >= 1 and every patch size must tile the RES-px image."""

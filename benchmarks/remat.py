@@ -15,7 +15,6 @@ Memory is XLA's temporaries for the program (`memory_analysis()`); on XLA:CPU re
 only lowers it inside nn.scan (docs/benchmarks.md). Gradients of all settings agree
 (tests/test_perf_numerics.py).
 """
-import json
 
 import jax
 import jax.numpy as jnp
@@ -53,35 +52,31 @@ def measure(variant, p, batch, reps):
   for _ in range(reps):  # Interleaved: the machine's speed drifts.
     for name, call in calls.items():
       secs[name].append(perf.best_of(call, 1))
-  rows = {}
+  settings = {}
   for name, (compiled, _) in programs.items():
     temp = compiled.memory_analysis().temp_size_in_bytes
-    rows[name] = dict(temp_bytes=temp, min_s=min(secs[name]),
-                      median_s=float(np.median(secs[name])))
-    perf.log(f"{variant}/{p} {name}: {rows[name]['min_s'] * 1e3:.0f} ms (median "
-             f"{rows[name]['median_s'] * 1e3:.0f}), temporaries {temp / 2 ** 20:.0f} MiB")
-  return dict(variant=variant, patch=p, batch=batch, rows=rows)
+    settings[name] = dict(temp_bytes=temp, min_s=min(secs[name]),
+                          median_s=float(np.median(secs[name])))
+    perf.log(f"{variant}/{p} {name}: {settings[name]['min_s'] * 1e3:.0f} ms (median "
+             f"{settings[name]['median_s'] * 1e3:.0f}), temporaries {temp / 2 ** 20:.0f} MiB")
+  return dict(variant=variant, patch=p, batch=batch, settings=settings)
 
 
 def parse_args(argv=None):
   return perf.parse_sizes_args(__doc__, argv)
 
 
+def _table_row(r):
+  base = r["settings"]["unrolled"]["min_s"]
+  cells = [f"{s['min_s'] / base:.2f}x, {s['temp_bytes'] / 2 ** 20:.0f} MiB"
+           for s in r["settings"].values()]
+  return f"| {r['variant']}/{r['patch']} | " + " | ".join(cells) + " |"
+
+
 def main(argv=None):
-  args = parse_args(argv)
-  perf.log("machine:", perf.machine())
-  results = [measure(v, p, args.batch, args.reps) for v in args.variants for p in args.patches]
-  perf.log("\n| step | " + " | ".join(SETTINGS) + " |\n|---|" + "---|" * len(SETTINGS))
-  for r in results:
-    base = r["rows"]["unrolled"]
-    cells = [f"{row['min_s'] / base['min_s']:.2f}x, {row['temp_bytes'] / 2 ** 20:.0f} MiB"
-             for row in r["rows"].values()]
-    perf.log(f"| {r['variant']}/{r['patch']} | " + " | ".join(cells) + " |")
-  perf.log("(step time relative to unrolled, min of --reps; XLA's temporaries)")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(dict(machine=perf.machine(), args=vars(args), results=results), f, indent=1)
-  return results
+  header = ("| step (time relative to unrolled, min of --reps; XLA's temporaries) | "
+            + " | ".join(SETTINGS) + " |\n|---|" + "---|" * len(SETTINGS))
+  return perf.run_per_size(parse_args(argv), measure, header, _table_row)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def test_cpu_record_reads_the_first_cpu_and_its_widest_isa(tmp_path):
 def test_remat_settings_order_activation_memory():
   """benchmarks.remat: inside nn.scan, the dots-and-attention policy keeps less than
   no remat and more than full remat (Ti/48 at batch 1 already shows it)."""
-  rows = remat.measure("Ti", 48, batch=1, reps=1)["rows"]
-  temp = {name: row["temp_bytes"] for name, row in rows.items()}
+  settings = remat.measure("Ti", 48, batch=1, reps=1)["settings"]
+  temp = {name: s["temp_bytes"] for name, s in settings.items()}
   assert temp["scan+remat"] < temp["scan+remat(dots+attn)"] < temp["scan"]
-  assert all(row["min_s"] > 0 for row in rows.values())
+  assert all(s["min_s"] > 0 for s in settings.values())
