@@ -30,7 +30,7 @@ class _Model(nn.Module):
   vocab_size: int = 32_000
   pool_type: str = "last"  # "last" expects sticky-eos tokens padded with eos (big_vision).
   remat: bool = False
-  remat_policy: str = "nothing_saveable"  # What remat keeps (vit.REMAT_POLICIES).
+  remat_policy: str = vit.DEFAULT_REMAT_POLICY  # What remat keeps (vit.REMAT_POLICIES).
 
   @nn.compact
   def __call__(self, text, *, train=False):

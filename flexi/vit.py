@@ -102,6 +102,7 @@ class Patchify(nn.Module):
 GELUS = ("tanh", "erf")
 
 _policies = jax.checkpoint_policies
+DEFAULT_REMAT_POLICY = "nothing_saveable"  # big_vision's: recompute the whole block.
 # What a rematerialised block (`remat=True`) keeps from its forward pass; the rest is
 # recomputed in the backward pass. big_vision's names (attributes of
 # jax.checkpoint_policies; "nothing_saveable" is its default), plus
@@ -130,9 +131,9 @@ def remat_policy(name):
 
 def check_remat_options(cfg):
   """A model config's `remat_policy` is known and has `remat=True` to act on."""
-  policy = cfg.get("remat_policy", "nothing_saveable")
+  policy = cfg.get("remat_policy", DEFAULT_REMAT_POLICY)
   remat_policy(policy)
-  if policy != "nothing_saveable" and not cfg.get("remat"):
+  if policy != DEFAULT_REMAT_POLICY and not cfg.get("remat"):
     raise ValueError(f"remat_policy={policy!r} has no effect without remat=True")
 
 
@@ -261,7 +262,7 @@ class Encoder(nn.Module):
   num_heads: int = 12
   dropout: float = 0.0
   remat: bool = False
-  remat_policy: str = "nothing_saveable"  # What remat keeps: see REMAT_POLICIES.
+  remat_policy: str = DEFAULT_REMAT_POLICY  # What remat keeps: see REMAT_POLICIES.
   scan: bool = False
   dtype: Any = None
   attention: str = "flax"
@@ -335,7 +336,7 @@ class _Model(nn.Module):
   # only together with scan=True (the unrolled recomputation gets hoisted); measured
   # in docs/benchmarks.md.
   remat: bool = False
-  remat_policy: str = "nothing_saveable"  # What remat keeps (REMAT_POLICIES).
+  remat_policy: str = DEFAULT_REMAT_POLICY  # What remat keeps (REMAT_POLICIES).
   scan: bool = False  # nn.scan over blocks (fast restarts, remat that works; see Encoder).
   dtype: Optional[str] = None  # Compute dtype, e.g. "bfloat16"; params stay float32.
   attention: str = "flax"  # "flax" (big_vision's), "xla", "blocked" or "auto" (fastest).
