@@ -3,6 +3,16 @@ them; the ceiling's FLOP split."""
 import pytest
 
 from benchmarks import ceiling, perf, remat
+from flexi import vit
+
+TI_DEPTH = 2  # The measuring tests run a 2-block "Ti": the same per-block programs, ~6x less compile.
+
+
+@pytest.fixture
+def shallow_ti(monkeypatch):
+  """Ti's width, heads and MLP with TI_DEPTH blocks: what is measured is per block."""
+  width, _, mlp_dim, heads = vit._VARIANTS["Ti"]  # pylint: disable=protected-access
+  monkeypatch.setitem(vit._VARIANTS, "Ti", (width, TI_DEPTH, mlp_dim, heads))  # pylint: disable=protected-access
 
 
 @pytest.mark.parametrize("script, argv, message", [
@@ -32,12 +42,13 @@ def test_defaults_and_quick():
   assert quick.compile_patches == (48, 16, 8)
 
 
+@pytest.mark.usefixtures("shallow_ti")
 def test_ceiling_splits_the_flops_into_attention_core_and_rest():
   """The core's FLOPs (whole minus the no-core program) are the six attention
   contractions per layer, 2 * b * heads * n^2 * head_dim each, plus the softmax's
   elementwise work; and the ceiling follows from the parts' times."""
   row = ceiling.measure("Ti", 48, batch=1, reps=1)
-  n, heads, head_dim, depth = 26, 3, 64, 12
+  n, heads, head_dim, depth = 26, 3, 64, TI_DEPTH
   contractions = 6 * 2 * heads * n * n * head_dim * depth
   assert contractions <= row["flops"]["core"] <= 1.1 * contractions
   assert row["flops"]["rest"] + row["flops"]["core"] == row["flops"]["whole"]
@@ -61,9 +72,10 @@ def test_cpu_record_reads_the_first_cpu_and_its_widest_isa(tmp_path):
   assert record["cpu_family_model"] == "?/?" and record["isa"] is None
 
 
+@pytest.mark.usefixtures("shallow_ti")
 def test_remat_settings_order_activation_memory():
   """benchmarks.remat: inside nn.scan, the dots-and-attention policy keeps less than
-  no remat and more than full remat (Ti/48 at batch 1 already shows it)."""
+  no remat and more than full remat (a 2-block Ti/48 at batch 1 already shows it)."""
   settings = remat.measure("Ti", 48, batch=1, reps=1)["settings"]
   temp = {name: s["temp_bytes"] for name, s in settings.items()}
   assert temp["scan+remat"] < temp["scan+remat(dots+attn)"] < temp["scan"]
