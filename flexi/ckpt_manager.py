@@ -69,17 +69,19 @@ def restore_params_from_workdir(workdir: str, step: Optional[int] = None):
   """
   directory = os.path.join(os.path.abspath(workdir), "ckpt")
   mngr = ocp.CheckpointManager(directory, item_handlers=_handlers())
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint found under {directory}")
-  where = f"checkpoint {os.path.join(directory, str(step))}"
-  stored = _read(where, lambda: mngr.item_metadata(step))["params"]
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                        stored)
-  out = _read(where, lambda: mngr.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(target))))
-  mngr.close()
+  try:
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint found under {directory}")
+    where = f"checkpoint {os.path.join(directory, str(step))}"
+    stored = _read(where, lambda: mngr.item_metadata(step))["params"]
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          stored)
+    out = _read(where, lambda: mngr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(target))))
+  finally:  # Also on a bad checkpoint: no orbax threads left behind.
+    mngr.close()
   return jax.tree.map(jax.device_get, out["params"])
 
 

@@ -178,3 +178,24 @@ def test_scanned_model_saves_and_loads_big_vision_layer_names(tmp_path):
       scanned["Transformer"]["encoderblock"]["LayerNorm_0"]["scale"][1])
   back = checkpoint.load_into(scanned, merged)  # Per-layer file into a scanned model.
   jax.tree.map(np.testing.assert_array_equal, back, scanned)
+
+
+def test_params_from_a_workdir_round_trip_and_errors(tmp_path):
+  """ckpt_manager.restore_params_from_workdir (teacher / image-tower init from another
+  run): the saved params come back; no checkpoint and a truncated one are one-line
+  errors that name the directory."""
+  from flexi import ckpt_manager  # pylint: disable=import-outside-toplevel
+  with pytest.raises(FileNotFoundError, match=f"no checkpoint found under {tmp_path}/ckpt$"):
+    ckpt_manager.restore_params_from_workdir(str(tmp_path))
+  params = {"dense": {"kernel": np.arange(6.0, dtype=np.float32).reshape(2, 3)}}
+  mngr = ckpt_manager.CheckpointManager(str(tmp_path), async_save=False)
+  mngr.save(3, params, {"count": np.zeros(1)}, {"step": 3})
+  mngr.close()
+  loaded = ckpt_manager.restore_params_from_workdir(str(tmp_path))
+  np.testing.assert_array_equal(loaded["dense"]["kernel"], params["dense"]["kernel"])
+  for f in (tmp_path / "ckpt" / "3" / "params").rglob("*"):
+    if f.is_file() and f.parent.name == "d":
+      f.write_bytes(f.read_bytes()[:10])  # Truncated array data.
+  with pytest.raises(ValueError, match=f"^checkpoint {tmp_path}/ckpt/3 is unreadable") as e:
+    ckpt_manager.restore_params_from_workdir(str(tmp_path))
+  assert "\n" not in str(e.value)
