@@ -13,12 +13,15 @@ random-patch-size training sequence, FLOP/s vs matmul peak, time until all patch
 are compiled, one round), compile (reference lazy vs ours AOT,
 loop and scan, best of --compile-reps rounds), cache (persistent
 compilation cache restart), memory (ViT-B/8 teacher + FlexiViT-B distillation step).
+Not run by default: remat (whole train steps in training order of our model with each
+of REMAT_SETTINGS, interleaved: `--sections remat --variants S`).
 
 Like the trainers, the script restarts itself with glibc's huge-page tunable
 (flexi/host.py), so reference and ours both run without per-step page faults;
 `FLEXI_HUGEPAGES=0 python -m benchmarks.perf ...` measures the default allocator.
 """
 import argparse
+import functools
 import json
 import os
 import platform
@@ -41,6 +44,13 @@ PATCHES = (48, 40, 30, 24, 20, 16, 15, 12, 10, 8)
 RES = 240
 FLOP_PATCHES = (16, 8)  # Where the FLOP/s targets are set (issue 8).
 OURS = dict(attention="auto")  # The library options the speed numbers use.
+REMAT_SETTINGS = {  # Block layouts compared by benchmarks.remat and the remat section.
+    "unrolled": {},
+    "scan": dict(scan=True),
+    "scan+remat": dict(scan=True, remat=True),
+    "scan+remat(dots+attn)": dict(scan=True, remat=True,
+                                  remat_policy="dots_and_attention_saveable"),
+}
 RESULTS = {}  # name -> dict, collected for --json and the summary.
 
 
@@ -188,15 +198,15 @@ def model_flops(variant, tx, params, opt_state, batch, p):
   return step.lower(params, opt_state, *batch, (p, p)).cost_analysis()["flops"]
 
 
-def training_mix(args, updates_for):
+def training_mix(args, updates_for, sides=("ours", "ref")):
   """Train img/s as a FlexiViT run sees it: a new random patch size at every step.
 
-  Each round is one permutation of `args.patches` (uniform; seeded, so both sides run
-  the same sequence), run by one formulation and then the other, alternating which
-  goes first. Unlike the per-size rows (the same program repeated), consecutive steps
-  here are different programs, so a step does not get back the pages its own program
-  just freed: fresh temporaries cost what they cost in training (docs/benchmarks.md,
-  "Training order").
+  Each round is one permutation of `args.patches` (uniform; seeded, so every side runs
+  the same sequence), run by each side in turn, the order rotating from round to round.
+  Unlike the per-size rows (the same program repeated), consecutive steps here are
+  different programs, so a step does not get back the pages its own program just
+  freed: fresh temporaries cost what they cost in training (docs/benchmarks.md,
+  "Training order"). `updates_for(p)` -> {side: one step at patch size p}.
   """
   order = np.random.default_rng(0)
   rounds = []
@@ -204,7 +214,8 @@ def training_mix(args, updates_for):
     sequence = [int(p) for p in order.permutation(args.patches)]
     steps = {p: updates_for(p) for p in sequence}
     row = dict(sequence=sequence)
-    for side in (("ours", "ref") if i % 2 == 0 else ("ref", "ours")):
+    k = i % len(sides)
+    for side in sides[k:] + sides[:k]:
       times = []
       s0 = system_seconds()
       for p in sequence:
@@ -213,12 +224,12 @@ def training_mix(args, updates_for):
         times.append(time.perf_counter() - t0)
       row[f"{side}_s"], row[f"{side}_sys_s"] = times, system_seconds() - s0
     rounds.append(row)
-  secs = {side: sum(sum(r[f"{side}_s"]) for r in rounds) for side in ("ref", "ours")}
   n = args.batch * len(args.patches) * args.mix_rounds
-  return dict(rounds=rounds, ref_img_s=n / secs["ref"], ours_img_s=n / secs["ours"],
-              speedup=secs["ref"] / secs["ours"],
-              **{f"{side}_sys_s": float(np.mean([r[f"{side}_sys_s"] for r in rounds]))
-                 for side in ("ref", "ours")})
+  out = dict(rounds=rounds)
+  for side in sides:
+    out[f"{side}_img_s"] = n / sum(sum(r[f"{side}_s"]) for r in rounds)
+    out[f"{side}_sys_s"] = float(np.mean([r[f"{side}_sys_s"] for r in rounds]))
+  return out
 
 
 def section_step(args, variant):
@@ -283,6 +294,7 @@ def section_step(args, variant):
         f"{row['ref_compile_s']:.1f}s; page faults/step ref {row['ref_faults']} ours "
         f"{row['ours_faults']})")
   mix = training_mix(args, updates_for)
+  mix["speedup"] = mix["ours_img_s"] / mix["ref_img_s"]
   log(f"{variant}: training mix (random patch size per step, {args.mix_rounds} rounds of "
       f"{len(args.patches)}): ref {mix['ref_img_s']:.2f} img/s, ours {mix['ours_img_s']:.2f} "
       f"-> {mix['speedup']:.2f}x; system time per round ref {mix['ref_sys_s']:.1f}s, ours "
@@ -315,6 +327,36 @@ def section_step(args, variant):
       f"{out['ref_compile_all_s']:.1f}s; matmul peak fp32 {peak / 1e9:.0f} (max of the run), "
       f"bf16 {out['bf16_peak'] / 1e9:.0f} GFLOP/s")
   RESULTS[f"step_{variant}"] = out
+
+
+def section_remat(args, variant):
+  """Whole train steps of our model in each REMAT_SETTINGS layout, in training order and
+  interleaved (per-program times and memory: benchmarks.remat)."""
+  tx = optax.sgd(0.1, momentum=0.9)
+  batch = synthetic_batch(args.batch)
+  params = init_params(variant)
+  compiled, states, compile_s = {}, {}, {}
+  for name, kw in REMAT_SETTINGS.items():
+    model = vit.Model(1000, variant=variant, pool_type="tok", **OURS, **kw)
+    own = jax.tree.map(jnp.array, vit.layers_to_scan(params) if kw.get("scan") else params)
+    states[name] = [own, tx.init(own)]
+    compiled[name], compile_s[name] = compile_all(model, tx, *states[name], batch,
+                                                  args.patches, args.threads)
+    log(f"{variant} {name}: {len(args.patches)} sizes compiled in {compile_s[name]:.1f}s")
+
+  def updates_for(p):
+    def update(name):
+      state = states[name]
+      state[0], state[1], _ = jax.block_until_ready(compiled[name][p](*state, *batch))
+    return {name: functools.partial(update, name) for name in REMAT_SETTINGS}
+
+  for update in updates_for(args.patches[0]).values():
+    update()  # Warm-up.
+  mix = training_mix(args, updates_for, sides=tuple(REMAT_SETTINGS))
+  mix["compile_s"] = compile_s
+  log(f"{variant}: training mix ({args.mix_rounds} rounds of {len(args.patches)} sizes), "
+      "img/s: " + ", ".join(f"{name} {mix[f'{name}_img_s']:.2f}" for name in REMAT_SETTINGS))
+  RESULTS[f"remat_{variant}"] = mix
 
 
 # --- Compile time: reference lazy vs ours AOT (loop, scan). -----------------------
@@ -455,6 +497,13 @@ def summary():
                        f"({res[f'flop_s_p{p}'] / 1e9:.0f} of {res['fp32_peak'] / 1e9:.0f} "
                        f"GFLOP/s; ref {res[f'ref_frac_max_peak_p{p}']:.0%}); paired "
                        f"{res[f'frac_peak_p{p}']:.0%} | >= {target:.0%} |")
+    if key.startswith("remat_"):
+      base = res["unrolled_img_s"]
+      for name in REMAT_SETTINGS:
+        lines.append(f"| {key[6:]}: train img/s, random patch size per step "
+                     f"({len(res['rounds'])} rounds), {name} / unrolled | "
+                     f"{res[f'{name}_img_s'] / base:.2f}x ({res[f'{name}_img_s']:.2f} img/s; "
+                     f"all sizes compiled in {res['compile_s'][name]:.0f}s) | |")
   if "compile" in RESULTS:
     c = RESULTS["compile"]
     ref = c["seconds"]["reference lazy"]
@@ -514,7 +563,7 @@ def parse_args(argv=None):
   args.mix_rounds = args.mix_rounds or (2 if args.quick else 4)
   if args.compile_patches is None:
     args.compile_patches = (48, 16, 8) if args.quick else args.patches
-  known = {"resize", "step", "compile", "cache", "memory"}
+  known = {"resize", "step", "remat", "compile", "cache", "memory"}
   args.sections = args.sections.split(",")
   bad = [s for s in args.sections if s not in known]
   if bad:
@@ -575,6 +624,9 @@ def main(argv=None):
   if "step" in args.sections:
     for variant in args.variants:
       section_step(args, variant)
+  if "remat" in args.sections:
+    for variant in args.variants:
+      section_remat(args, variant)
   if "compile" in args.sections:
     section_compile(args)
   if "cache" in args.sections:

@@ -13,7 +13,8 @@ in each setting, in one process, timed interleaved (min and median of --reps):
                       core's residuals (remat_policy="dots_and_attention_saveable").
 Memory is XLA's temporaries for the program (`memory_analysis()`); on XLA:CPU remat
 only lowers it inside nn.scan (docs/benchmarks.md). Gradients of all settings agree
-(tests/test_perf_numerics.py).
+(tests/test_perf_numerics.py). Whole train steps of the same settings in training order
+(a random patch size per step, interleaved): `python -m benchmarks.perf --sections remat`.
 """
 
 import jax
@@ -23,13 +24,7 @@ import numpy as np
 from benchmarks import perf, reference
 from flexi import host, vit
 
-SETTINGS = {
-    "unrolled": {},
-    "scan": dict(scan=True),
-    "scan+remat": dict(scan=True, remat=True),
-    "scan+remat(dots+attn)": dict(scan=True, remat=True,
-                                  remat_policy="dots_and_attention_saveable"),
-}
+SETTINGS = perf.REMAT_SETTINGS
 
 
 def _program(variant, p, images, labels, **kw):

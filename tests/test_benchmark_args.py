@@ -1,5 +1,7 @@
 """benchmarks.perf, .ceiling and .remat: bad arguments are one-line errors that name
 them; the ceiling's FLOP split."""
+import types
+
 import pytest
 
 from benchmarks import ceiling, perf, remat
@@ -80,3 +82,34 @@ def test_remat_settings_order_activation_memory():
   temp = {name: s["temp_bytes"] for name, s in settings.items()}
   assert temp["scan+remat"] < temp["scan+remat(dots+attn)"] < temp["scan"]
   assert all(s["min_s"] > 0 for s in settings.values())
+
+
+def test_training_mix_rotates_the_sides_over_one_sequence_per_round():
+  """Every side runs each round's patch sequence, the first side rotating by round, and
+  img/s is images over that side's own step times."""
+  calls = []
+  updates_for = lambda p: {s: (lambda s=s: calls.append((s, p))) for s in "abc"}  # noqa: E731
+  args = types.SimpleNamespace(patches=(48, 24, 16), mix_rounds=3, batch=2)
+  mix = perf.training_mix(args, updates_for, sides=("a", "b", "c"))
+  for i, row in enumerate(mix["rounds"]):
+    chunk = calls[9 * i: 9 * (i + 1)]
+    assert [s for s, _ in chunk[::3]] == ["abc"[(i + j) % 3] for j in range(3)]
+    assert all([p for _, p in chunk[3 * j: 3 * j + 3]] == row["sequence"] for j in range(3))
+    assert sorted(row["sequence"]) == [16, 24, 48]
+  for side in "abc":
+    seconds = sum(sum(row[f"{side}_s"]) for row in mix["rounds"])
+    assert mix[f"{side}_img_s"] == pytest.approx(2 * 3 * 3 / seconds)
+
+
+def test_remat_section_runs_every_setting(capsys):
+  """`--sections remat` on the tiny variant: each setting's whole steps, one summary row
+  each, relative to the unrolled model."""
+  perf.main(["--sections", "remat", "--variants", "mu", "--patches", "48",
+             "--mix-rounds", "2", "--batch", "2", "--threads", "1"])
+  res = perf.RESULTS.pop("remat_mu")
+  assert len(res["rounds"]) == 2 and set(res["compile_s"]) == set(perf.REMAT_SETTINGS)
+  out = capsys.readouterr().out
+  for name in perf.REMAT_SETTINGS:
+    assert res[f"{name}_img_s"] > 0
+    assert f"| mu: train img/s, random patch size per step (2 rounds), {name} / unrolled |" in out
+  assert "scan+remat(dots+attn) / unrolled | " in out and "unrolled / unrolled | 1.00x" in out
