@@ -350,8 +350,9 @@ def section_remat(args, variant):
       state[0], state[1], _ = jax.block_until_ready(compiled[name][p](*state, *batch))
     return {name: functools.partial(update, name) for name in REMAT_SETTINGS}
 
-  for update in updates_for(args.patches[0]).values():
-    update()  # Warm-up.
+  for p in args.patches:  # Every program runs once before the timed rounds.
+    for update in updates_for(p).values():
+      update()
   mix = training_mix(args, updates_for, sides=tuple(REMAT_SETTINGS))
   mix["compile_s"] = compile_s
   log(f"{variant}: training mix ({args.mix_rounds} rounds of {len(args.patches)} sizes), "

@@ -1,5 +1,5 @@
 """benchmarks.perf, .ceiling and .remat: bad arguments are one-line errors that name
-them; the ceiling's FLOP split."""
+them; the ceiling's FLOP split; the remat settings' memory order; the training mix."""
 import types
 
 import pytest
