@@ -7,14 +7,15 @@ import pytest
 from benchmarks import ceiling, perf, remat
 from flexi import vit
 
-TI_DEPTH = 2  # The measuring tests run a 2-block "Ti": the same per-block programs, ~6x less compile.
+TI_DEPTH = 2  # The measuring tests' "Ti": the same per-block programs, ~6x less compile.
 
 
 @pytest.fixture
 def shallow_ti(monkeypatch):
   """Ti's width, heads and MLP with TI_DEPTH blocks: what is measured is per block."""
-  width, _, mlp_dim, heads = vit._VARIANTS["Ti"]  # pylint: disable=protected-access
-  monkeypatch.setitem(vit._VARIANTS, "Ti", (width, TI_DEPTH, mlp_dim, heads))  # pylint: disable=protected-access
+  variants = vit._VARIANTS  # pylint: disable=protected-access
+  width, _, mlp_dim, heads = variants["Ti"]
+  monkeypatch.setitem(variants, "Ti", (width, TI_DEPTH, mlp_dim, heads))
 
 
 @pytest.mark.parametrize("script, argv, message", [
