@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flexi import checkpoint, resize, vit
+from flexi import checkpoint, ckpt_manager, resize, vit
 
 TINY = dict(width=32, depth=1, mlp_dim=64, num_heads=2, pool_type="tok")
 
@@ -184,7 +184,6 @@ def test_params_from_a_workdir_round_trip_and_errors(tmp_path):
   """ckpt_manager.restore_params_from_workdir (teacher / image-tower init from another
   run): the saved params come back; no checkpoint and a truncated one are one-line
   errors that name the directory."""
-  from flexi import ckpt_manager  # pylint: disable=import-outside-toplevel
   with pytest.raises(FileNotFoundError, match=f"no checkpoint found under {tmp_path}/ckpt$"):
     ckpt_manager.restore_params_from_workdir(str(tmp_path))
   params = {"dense": {"kernel": np.arange(6.0, dtype=np.float32).reshape(2, 3)}}
